@@ -1,0 +1,291 @@
+"""The cache engine: stores KV chunks for token sequences across tiered storage locations.
+
+Locations come from backend plugins, fastest tier first (``LocalCPUBackend`` in front of
+``LocalDiskBackend``). A store lands in the fastest tier and is written behind into slower ones
+without blocking the caller; a retrieve that misses the fast tier but hits a slower one promotes
+the chunk. Every change at every location is announced to subscribers (``subscribe``), which is
+how the controller worker keeps the controller's index current.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+import torch
+
+from lmcache_core.config import LMCacheSettings
+from lmcache_core.errors import BackendError, UnknownLocationError
+from lmcache_core.events import EventBus, Subscriber
+from lmcache_core.keys import ChunkKey, ChunkSpan, KeyMaker, TokenHasher, TokenSequence
+from lmcache_core.plugins import backend_specs, get_plugin_manager
+from lmcache_core.storage import ChunkView, StorageBackend
+
+if TYPE_CHECKING:
+    from lmcache_core.worker import WorkerHandle
+
+log = logging.getLogger(__name__)
+
+ChunkSink = Callable[[ChunkSpan, torch.Tensor], None]
+ChunkSource = Callable[[int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EngineMetadata:
+    """Which model shard an engine caches for; part of every chunk key."""
+
+    model_name: str
+    world_size: int = 1
+    worker_id: int = 0
+    kv_dtype: str = "bfloat16"
+
+
+class CacheEngine:
+    """Stores and retrieves KV chunks by token prefix, over the enabled storage locations.
+
+    >>> engine = CacheEngine(load_settings(), EngineMetadata("my-model"))  # doctest: +SKIP
+    >>> engine.store(tokens, kv)          # kv: [layers, 2, len(tokens), hidden]   # doctest: +SKIP
+    >>> engine.lookup(tokens)                                                       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        settings: LMCacheSettings,
+        metadata: EngineMetadata,
+        pm: pluggy.PluginManager | None = None,
+        *,
+        start_worker: bool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metadata = metadata
+        self.pm = pm if pm is not None else get_plugin_manager()
+        self.hasher = TokenHasher(settings.chunk_size, settings.namespace)
+        self.keys = KeyMaker(
+            metadata.model_name, metadata.world_size, metadata.worker_id, metadata.kv_dtype
+        )
+        self.events = EventBus()
+        self.backends: dict[str, StorageBackend] = {}
+        self._worker: WorkerHandle | None = None
+        self._tiers: list[StorageBackend] = []
+        try:
+            for location, spec in backend_specs(self.pm).items():
+                if spec.enabled(settings):
+                    self.backends[location] = spec.factory(settings, self.events.sink(location))
+            self._tiers = list(self.backends.values())
+            if start_worker if start_worker is not None else settings.enable_controller:
+                from lmcache_core.worker import start_worker as start
+
+                self._worker = start(self)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- properties --------------------------------------------------------------------------
+    @property
+    def chunk_size(self) -> int:
+        return self.hasher.chunk_size
+
+    @property
+    def locations(self) -> list[str]:
+        """Enabled location names, fastest first."""
+        return list(self.backends)
+
+    def backend(self, location: str) -> StorageBackend:
+        """The backend at ``location``; ``UnknownLocationError`` lists the enabled ones."""
+        try:
+            return self.backends[location]
+        except KeyError:
+            raise UnknownLocationError(location, self.locations) from None
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Receive every admit/evict/clear at every location, in order; returns an unsubscriber."""
+        return self.events.subscribe(callback)
+
+    # --- storing -----------------------------------------------------------------------------
+    def store(
+        self,
+        tokens: TokenSequence,
+        kv: torch.Tensor | None = None,
+        *,
+        token_dim: int = 2,
+        chunk_fn: ChunkSource | None = None,
+    ) -> int:
+        """Store every chunk of ``tokens`` that is not stored yet; returns the tokens newly stored.
+
+        Give ``kv`` (a tensor whose dimension ``token_dim`` has ``len(tokens)`` entries) or
+        ``chunk_fn(start, end)`` returning one chunk's tensor, called only for missing chunks.
+        """
+        if (kv is None) == (chunk_fn is None):
+            raise ValueError("store() needs exactly one of kv= or chunk_fn=")
+        if kv is not None and kv.shape[token_dim] != len(tokens):
+            raise ValueError(
+                f"kv has {kv.shape[token_dim]} entries in dimension {token_dim} "
+                f"but there are {len(tokens)} tokens; pass token_dim= for another layout"
+            )
+        if not self._tiers:
+            return 0
+        stored = 0
+        for span in self.hasher.spans(tokens):
+            key = self.keys.key(span.chunk_hash)
+            missing = [b for b in self._tiers if not b.contains(key)]
+            if not missing:
+                continue
+            if kv is not None:
+                data = kv.narrow(token_dim, span.start, span.num_tokens)
+            else:
+                assert chunk_fn is not None
+                data = chunk_fn(span.start, span.end)
+            self._put_tiers(key, data, span.num_tokens, missing)
+            stored += span.num_tokens
+        return stored
+
+    def _put_tiers(
+        self, key: ChunkKey, data: torch.Tensor, num_tokens: int, targets: list[StorageBackend]
+    ) -> None:
+        """Copy into synchronous tiers now; write-behind tiers read a resident copy later."""
+        for backend in targets:
+            try:
+                if not backend.writes_behind:
+                    backend.put(key, data, num_tokens)
+                    continue
+                view = self._resident_view(key)
+                if view is not None:  # held until the slow tier has written it
+                    backend.put(key, view.tensor, num_tokens, on_done=view.release)
+                else:  # no resident copy: the caller may reuse its memory, so give a copy
+                    copy = data.clone(memory_format=torch.contiguous_format)
+                    backend.put(key, copy, num_tokens)
+            except BackendError as exc:
+                log.warning("storing a chunk at %s failed: %s", backend.location, exc)
+
+    def _resident_view(self, key: ChunkKey) -> ChunkView | None:
+        for backend in self._tiers:
+            if not backend.writes_behind:
+                view = backend.get(key)
+                if view is not None:
+                    return view
+        return None
+
+    # --- reading -----------------------------------------------------------------------------
+    def lookup(self, tokens: TokenSequence) -> int:
+        """Tokens in the longest stored prefix of ``tokens`` (any tier); reads no data."""
+        found = 0
+        for span in self.hasher.spans(tokens):
+            key = self.keys.key(span.chunk_hash)
+            if not any(backend.contains(key) for backend in self._tiers):
+                break
+            found = span.end
+        return found
+
+    def retrieve(self, tokens: TokenSequence, sink: ChunkSink) -> int:
+        """Deliver the longest stored prefix chunk by chunk; returns the tokens delivered.
+
+        ``sink(span, tensor)`` is called in token order; ``tensor`` is valid only during the
+        call. A hit in a slower tier is promoted into the fastest synchronous tier.
+        """
+        delivered = 0
+        for span in self.hasher.spans(tokens):
+            key = self.keys.key(span.chunk_hash)
+            view, tier = self._find(key)
+            if view is None:
+                break
+            try:
+                if tier > 0:
+                    self._promote(key, view, tier)
+                sink(span, view.tensor)
+            finally:
+                view.release()
+            delivered = span.end
+        return delivered
+
+    def _find(self, key: ChunkKey) -> tuple[ChunkView | None, int]:
+        for tier, backend in enumerate(self._tiers):
+            try:
+                view = backend.get(key)
+            except BackendError as exc:
+                log.warning("reading a chunk at %s failed: %s", backend.location, exc)
+                continue
+            if view is not None:
+                return view, tier
+        return None, -1
+
+    def _promote(self, key: ChunkKey, view: ChunkView, found_tier: int) -> None:
+        for backend in self._tiers[:found_tier]:
+            if not backend.writes_behind:
+                try:
+                    backend.put(key, view.tensor, view.num_tokens)
+                except BackendError as exc:
+                    log.warning("promoting a chunk into %s failed: %s", backend.location, exc)
+                return
+
+    def retrieve_tensor(
+        self, tokens: TokenSequence, token_dim: int = 2
+    ) -> tuple[int, torch.Tensor | None]:
+        """The longest stored prefix as one tensor (a copy), concatenated along ``token_dim``."""
+        parts: list[torch.Tensor] = []
+        count = self.retrieve(tokens, lambda span, tensor: parts.append(tensor.clone()))
+        if not parts:
+            return 0, None
+        return count, torch.cat(parts, dim=token_dim)
+
+    # --- removing and pinning ----------------------------------------------------------------
+    def _each_chunk(self, tokens: TokenSequence, action: Callable[[StorageBackend, ChunkKey], Any]) -> int:
+        """Apply ``action`` to every chunk at every tier; count tokens of chunks it succeeded on."""
+        total = 0
+        for span in self.hasher.spans(tokens):
+            key = self.keys.key(span.chunk_hash)
+            results = [action(backend, key) for backend in self._tiers]
+            if any(results):
+                total += span.num_tokens
+        return total
+
+    def remove(self, tokens: TokenSequence) -> int:
+        """Remove every chunk of ``tokens`` from every location; returns the tokens removed."""
+        return self._each_chunk(tokens, lambda backend, key: backend.remove(key))
+
+    def pin(self, tokens: TokenSequence) -> int:
+        """Protect the chunks of ``tokens`` from eviction everywhere; returns the tokens pinned."""
+        return self._each_chunk(tokens, lambda backend, key: backend.pin(key))
+
+    def unpin(self, tokens: TokenSequence) -> int:
+        """Undo ``pin``; returns the tokens unpinned."""
+        return self._each_chunk(tokens, lambda backend, key: backend.unpin(key))
+
+    def clear(self, location: str | None = None) -> int:
+        """Empty one location (or all when None); returns the tokens removed (summed per location)."""
+        if location is not None:
+            return self.backend(location).clear()
+        return sum(backend.clear() for backend in self._tiers)
+
+    # --- introspection and lifecycle ---------------------------------------------------------
+    def inventory(self) -> dict[str, list[tuple[ChunkKey, int]]]:
+        """Every stored chunk with its token count, per location."""
+        return {location: backend.inventory() for location, backend in self.backends.items()}
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {location: backend.stats() for location, backend in self.backends.items()}
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for write-behind tiers to finish queued writes; True when all are done."""
+        return all(backend.flush(timeout) for backend in self._tiers)
+
+    def close(self) -> None:
+        """Stop the worker, then close locations slowest first (they may read faster tiers)."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
+        backends, self.backends = self.backends, {}
+        self._tiers = []
+        for backend in reversed(list(backends.values())):
+            try:
+                backend.close()
+            except Exception:  # one broken backend must not keep the others open
+                log.exception("closing %s failed", backend.location)
+
+    def __enter__(self) -> "CacheEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
