@@ -1,0 +1,630 @@
+"""LocalDiskBackend: one checksummed file per chunk, written behind by a background thread.
+
+Life of a chunk: ``put`` queues it (the caller's tensor is read later, so the caller keeps it
+unchanged until ``on_done``); the writer thread makes room (LRU eviction), writes a temporary
+file, fsyncs it, renames it into place, fsyncs the directory and only then indexes the chunk
+and announces it as admitted. Until then ``get`` serves the queued tensor itself, so a chunk
+never disappears between being put and being written.
+
+Crash safety comes from the rename: a file with the final name is always complete; temporary
+files are deleted at startup; every header and every data read is checksummed, and a file that
+fails a check is removed and counted instead of being served.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import xxhash
+
+from lmcache_core.errors import BackendError
+from lmcache_core.events import EventSink
+from lmcache_core.keys import ChunkKey
+from lmcache_core.storage import ChunkView, StorageBackend
+
+from lmcache_backend_disk.chunkfile import (
+    CHUNK_SUFFIX,
+    TEMP_SUFFIX,
+    CorruptChunkError,
+    empty_for,
+    encode_header,
+    file_name,
+    read_header,
+    readinto_exact,
+    tensor_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+LOCATION = "LocalDiskBackend"
+LOCK_FILE_NAME = ".lmcache-disk.lock"
+QueueFullPolicy = Literal["block", "drop"]
+Callback = Callable[[], None]
+
+
+@dataclass(eq=False, slots=True)
+class _Entry:
+    """A chunk file on disk."""
+
+    num_tokens: int
+    size: int
+    path: Path
+    pins: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """A chunk put but not yet written. ``on_done`` fires once it has left the pipeline
+    (written, failed, dropped or cancelled) and no reader still holds its tensor."""
+
+    key: ChunkKey
+    data: torch.Tensor
+    num_tokens: int
+    size: int
+    on_done: Callback | None
+    pins: int = 0
+    queued: bool = True
+    cancelled: bool = False
+    settled: bool = False
+    readers: int = 0
+
+
+def _call(callbacks: list[Callback]) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # a caller's callback must not kill the writer thread
+            logger.exception("an on_done callback of LocalDiskBackend raised")
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _touch(fd: int) -> None:
+    """Stamp the file's mtime with the exact time: it records the LRU order across restarts
+    (the kernel's own timestamps are only as fine as a clock tick, too coarse to order by)."""
+    now = time.time_ns()
+    os.utime(fd, ns=(now, now))
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("LocalDiskBackend cannot delete %s: %s", path, exc)
+
+
+class LocalDiskBackend(StorageBackend):
+    """Chunks as files in one directory, with a bounded write-behind queue and LRU capacity.
+
+    ``capacity_bytes=None`` sizes the capacity at startup as ``auto_capacity_fraction`` of the
+    filesystem's free space plus what the directory's chunk files already use. One backend
+    owns a directory at a time (an advisory lock file enforces it).
+    """
+
+    location = LOCATION
+    writes_behind = True
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        event_sink: EventSink,
+        *,
+        capacity_bytes: int | None,
+        write_queue_size: int = 64,
+        queue_full_policy: QueueFullPolicy = "block",
+        fsync: bool = True,
+        auto_capacity_fraction: float = 0.5,
+    ) -> None:
+        if write_queue_size < 1:
+            raise BackendError(f"disk_write_queue_size must be at least 1, got {write_queue_size}")
+        if queue_full_policy not in ("block", "drop"):
+            raise BackendError(
+                f"disk_queue_full_policy must be 'block' or 'drop', got {queue_full_policy!r}"
+            )
+        if capacity_bytes is not None and capacity_bytes <= 0:
+            raise BackendError(f"capacity_bytes must be positive or None, got {capacity_bytes}")
+        self.directory = Path(directory)
+        self._sink = event_sink
+        self._queue_size = write_queue_size
+        self._policy = queue_full_policy
+        self._fsync = fsync
+
+        self._cond = threading.Condition(threading.Lock())
+        self._index: collections.OrderedDict[ChunkKey, _Entry] = collections.OrderedDict()
+        self._pending: dict[ChunkKey, _Pending] = {}
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._in_flight: _Pending | None = None
+        self._used = 0
+        self._reserved = 0  # bytes the writer has made room for but not yet indexed
+        self._pinned_bytes = 0
+        self._closing = False
+        self._counters = dict.fromkeys(
+            (
+                "dropped",
+                "blocked_puts",
+                "rejected",
+                "written",
+                "write_errors",
+                "evictions",
+                "corrupt",
+                "hits",
+                "misses",
+                "temp_files_removed",
+            ),
+            0,
+        )
+
+        self._open_directory()
+        try:
+            recovered = self._scan()
+            self.capacity_auto = capacity_bytes is None
+            if capacity_bytes is None:
+                free = shutil.disk_usage(self.directory).free
+                capacity_bytes = max(1, int(auto_capacity_fraction * (free + self._used)))
+            self.capacity_bytes = capacity_bytes
+            self._shrink_to_capacity()
+            self._sync_directory()
+        except BaseException:
+            self._release_directory()
+            raise
+        for key, entry in recovered:
+            if key in self._index:  # announced only if it survived the capacity check
+                self._sink.admitted(key, entry.num_tokens)
+
+        self._writer = threading.Thread(
+            target=self._run_writer, name=f"lmcache-disk-writer:{self.directory}", daemon=True
+        )
+        self._writer.start()
+
+    # --- the StorageBackend interface ---------------------------------------------------------
+
+    def put(
+        self,
+        key: ChunkKey,
+        data: torch.Tensor,
+        num_tokens: int,
+        on_done: Callback | None = None,
+    ) -> bool:
+        """Queue ``data`` for writing; see ``StorageBackend.put`` (this backend writes behind)."""
+        done_now = [on_done] if on_done is not None else []
+        if not isinstance(data, torch.Tensor):
+            _call(done_now)
+            raise BackendError(f"LocalDiskBackend stores torch tensors, got {type(data).__name__}")
+        size = len(encode_header(key, data.dtype, tuple(data.shape), num_tokens, 0, 0))
+        size += data.numel() * data.element_size()
+        with self._cond:
+            if self._closing:
+                closed = True
+            else:
+                closed = False
+                admitted = self._enqueue_locked(key, data, num_tokens, size, on_done)
+        if closed:
+            _call(done_now)
+            raise BackendError(f"LocalDiskBackend at {self.directory} is closed")
+        if admitted is None:
+            return True  # queued: the writer calls on_done
+        _call(done_now)
+        return admitted
+
+    def _enqueue_locked(
+        self, key: ChunkKey, data: torch.Tensor, num_tokens: int, size: int, on_done: Callback | None
+    ) -> bool | None:
+        """Queue a chunk; None when queued, else the put's result (on_done is then the caller's)."""
+        blocked = False
+        while True:
+            if key in self._index or key in self._pending:
+                return True
+            if self._pinned_bytes + size > self.capacity_bytes:
+                self._counters["rejected"] += 1  # could never fit, even after evicting all
+                return False
+            if len(self._queue) < self._queue_size:
+                break
+            if self._policy == "drop" or self._closing:
+                self._counters["dropped"] += 1
+                return False
+            if not blocked:
+                blocked = True
+                self._counters["blocked_puts"] += 1
+            self._cond.wait()
+        item = _Pending(key, data, num_tokens, size, on_done)
+        self._pending[key] = item
+        self._queue.append(item)
+        self._cond.notify_all()
+        return None
+
+    def get(self, key: ChunkKey) -> ChunkView | None:
+        """The chunk (read and checksummed now, or the queued tensor); None on a miss."""
+        with self._cond:
+            item = self._pending.get(key)
+            if item is not None:
+                item.readers += 1
+                self._counters["hits"] += 1
+                return ChunkView(item.data, item.num_tokens, lambda: self._release_reader(item))
+            entry = self._index.get(key)
+            if entry is None:
+                self._counters["misses"] += 1
+                return None
+            self._index.move_to_end(key)
+            try:
+                # opened under the lock so an eviction cannot delete it between lookup and open
+                f = open(entry.path, "rb", buffering=0)
+            except OSError as exc:
+                self._drop_bad_entry_locked(key, entry, f"cannot open: {exc.strerror}")
+                return None
+        try:
+            with f:
+                tensor = self._read_chunk(f, key)
+                _touch(f.fileno())
+        except (CorruptChunkError, OSError) as exc:
+            with self._cond:
+                if self._index.get(key) is entry:
+                    self._drop_bad_entry_locked(key, entry, str(exc))
+                else:
+                    self._counters["misses"] += 1
+            return None
+        with self._cond:
+            self._counters["hits"] += 1
+        return ChunkView(tensor, entry.num_tokens)
+
+    def contains(self, key: ChunkKey) -> bool:
+        with self._cond:
+            return key in self._index or key in self._pending
+
+    def remove(self, key: ChunkKey) -> int:
+        """Delete one chunk (queued or on disk); announces ``evicted`` for an admitted one."""
+        callbacks: list[Callback] = []
+        with self._cond:
+            item = self._pending.pop(key, None)
+            if item is not None:
+                self._cancel_locked(item, callbacks)
+                tokens = item.num_tokens
+            else:
+                entry = self._index.pop(key, None)
+                tokens = 0
+                if entry is not None:
+                    self._delete_entry_locked(key, entry)
+                    self._sink.evicted(key, entry.num_tokens)
+                    tokens = entry.num_tokens
+            self._cond.notify_all()
+        _call(callbacks)
+        return tokens
+
+    def clear(self) -> int:
+        """Delete every chunk (queued, pinned and stray files too); one ``cleared`` event."""
+        callbacks: list[Callback] = []
+        with self._cond:
+            tokens = 0
+            for item in list(self._pending.values()):
+                self._cancel_locked(item, callbacks)
+                tokens += item.num_tokens
+            self._pending.clear()
+            for key, entry in list(self._index.items()):
+                self._delete_entry_locked(key, entry)
+                tokens += entry.num_tokens
+            self._index.clear()
+            # files a crashed writer renamed but nobody indexed would otherwise linger forever
+            for path in self.directory.glob(f"*{CHUNK_SUFFIX}"):
+                _unlink_quietly(path)
+            self._sync_directory()
+            self._sink.cleared(tokens)
+            self._cond.notify_all()
+        _call(callbacks)
+        return tokens
+
+    def pin(self, key: ChunkKey) -> bool:
+        with self._cond:
+            target = self._index.get(key) or self._pending.get(key)
+            if target is None:
+                return False
+            if target.pins == 0 and isinstance(target, _Entry):
+                self._pinned_bytes += target.size
+            target.pins += 1
+            return True
+
+    def unpin(self, key: ChunkKey) -> bool:
+        with self._cond:
+            target = self._index.get(key) or self._pending.get(key)
+            if target is None or target.pins == 0:
+                return False
+            target.pins -= 1
+            if target.pins == 0 and isinstance(target, _Entry):
+                self._pinned_bytes -= target.size
+            return True
+
+    def inventory(self) -> list[tuple[ChunkKey, int]]:
+        """Chunks on disk (announced as admitted), least recently used first."""
+        with self._cond:
+            return [(key, entry.num_tokens) for key, entry in self._index.items()]
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "location": self.location,
+                "directory": str(self.directory),
+                "chunks": len(self._index),
+                "tokens": sum(entry.num_tokens for entry in self._index.values()),
+                "used_bytes": self._used,
+                "capacity_bytes": self.capacity_bytes,
+                "capacity_auto": self.capacity_auto,
+                "pinned_bytes": self._pinned_bytes,
+                "queued": len(self._queue) + (self._in_flight is not None),
+                "queue_size": self._queue_size,
+                "queue_full_policy": self._policy,
+                "fsync": self._fsync,
+                **self._counters,
+            }
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued chunk is written (or has failed); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not self._queue and self._in_flight is None, timeout=timeout
+            )
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer thread and release the directory."""
+        with self._cond:
+            if self._closing:
+                already = True
+            else:
+                already = False
+                self._closing = True
+                self._cond.notify_all()
+        if already:
+            self._writer.join()
+            return
+        self._writer.join()
+        self._release_directory()
+
+    def __repr__(self) -> str:
+        return f"LocalDiskBackend({str(self.directory)!r}, capacity_bytes={self.capacity_bytes})"
+
+    # --- the writer thread --------------------------------------------------------------------
+
+    def _run_writer(self) -> None:
+        while True:
+            callbacks: list[Callback] = []
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return  # closing, and everything queued is written
+                item = self._queue.popleft()
+                item.queued = False
+                self._in_flight = item
+                self._cond.notify_all()  # a blocked put may use the freed queue slot
+                room = self._make_room_locked(item.size)
+                if room:
+                    self._reserved += item.size
+                else:
+                    self._counters["rejected"] += 1
+                    self._finish_locked(item, callbacks)
+            if room:
+                self._write_and_admit(item, callbacks)
+            _call(callbacks)
+
+    def _write_and_admit(self, item: _Pending, callbacks: list[Callback]) -> None:
+        try:
+            path = self._write_file(item)
+        except Exception as exc:
+            logger.warning(
+                "LocalDiskBackend could not write chunk %s: %s", item.key.to_string(), exc
+            )
+            with self._cond:
+                self._counters["write_errors"] += 1
+                self._reserved -= item.size
+                self._finish_locked(item, callbacks)
+            return
+        with self._cond:
+            self._reserved -= item.size
+            if item.cancelled:
+                _unlink_quietly(path)  # removed or cleared while it was being written
+            else:
+                entry = _Entry(item.num_tokens, item.size, path, item.pins)
+                self._index[item.key] = entry
+                self._used += entry.size
+                if entry.pins:
+                    self._pinned_bytes += entry.size
+                self._counters["written"] += 1
+                self._sink.admitted(item.key, item.num_tokens)
+            self._finish_locked(item, callbacks)
+
+    def _write_file(self, item: _Pending) -> Path:
+        """Write the chunk durably under its final name; returns that path."""
+        tensor, raw = tensor_bytes(item.data)
+        checksum = xxhash.xxh3_64_intdigest(raw)
+        header = encode_header(
+            item.key, tensor.dtype, tuple(tensor.shape), item.num_tokens, len(raw), checksum
+        )
+        if len(header) + len(raw) != item.size:
+            raise BackendError("the chunk's tensor changed size while it was queued")
+        final = self.directory / file_name(item.key)
+        temp = self.directory / f".{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                _write_all(fd, header)
+                _write_all(fd, raw)
+                _touch(fd)
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, final)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+        self._sync_directory()
+        return final
+
+    # --- helpers that run under the lock ------------------------------------------------------
+
+    def _make_room_locked(self, size: int) -> bool:
+        """Evict least recently used unpinned chunks until ``size`` more bytes fit."""
+        if self._pinned_bytes + self._reserved + size > self.capacity_bytes:
+            return False  # evicting everything unpinned would not be enough: evict nothing
+        while self._used + self._reserved + size > self.capacity_bytes:
+            victim = next(((k, e) for k, e in self._index.items() if e.pins == 0), None)
+            if victim is None:
+                return False
+            key, entry = victim
+            del self._index[key]
+            self._delete_entry_locked(key, entry)
+            self._counters["evictions"] += 1
+            self._sink.evicted(key, entry.num_tokens)
+        return True
+
+    def _delete_entry_locked(self, key: ChunkKey, entry: _Entry) -> None:
+        """Forget an entry already taken out of the index and delete its file."""
+        self._used -= entry.size
+        if entry.pins:
+            self._pinned_bytes -= entry.size
+        _unlink_quietly(entry.path)
+
+    def _drop_bad_entry_locked(self, key: ChunkKey, entry: _Entry, why: str) -> None:
+        logger.warning(
+            "LocalDiskBackend removes unreadable chunk file %s: %s", entry.path, why
+        )
+        del self._index[key]
+        self._delete_entry_locked(key, entry)
+        self._counters["corrupt"] += 1
+        self._counters["misses"] += 1
+        self._sink.evicted(key, entry.num_tokens)
+
+    def _cancel_locked(self, item: _Pending, callbacks: list[Callback]) -> None:
+        """Stop a queued or in-flight chunk (the caller has taken it out of ``_pending``)."""
+        item.cancelled = True
+        if item.queued:
+            self._queue.remove(item)
+            item.queued = False
+            self._finish_locked(item, callbacks)
+        # an in-flight item is finished by the writer, which deletes its file
+
+    def _finish_locked(self, item: _Pending, callbacks: list[Callback]) -> None:
+        """The item has left the pipeline; its on_done runs once no reader holds its tensor."""
+        if self._pending.get(item.key) is item:
+            del self._pending[item.key]
+        if self._in_flight is item:
+            self._in_flight = None
+        item.settled = True
+        if item.readers == 0 and item.on_done is not None:
+            callbacks.append(item.on_done)
+            item.on_done = None
+        self._cond.notify_all()
+
+    def _release_reader(self, item: _Pending) -> None:
+        callbacks: list[Callback] = []
+        with self._cond:
+            item.readers -= 1
+            if item.settled and item.readers == 0 and item.on_done is not None:
+                callbacks.append(item.on_done)
+                item.on_done = None
+        _call(callbacks)
+
+    # --- startup and the directory ------------------------------------------------------------
+
+    def _read_chunk(self, f: Any, key: ChunkKey) -> torch.Tensor:
+        header = read_header(f, os.fstat(f.fileno()).st_size)
+        if header.key != key:
+            raise CorruptChunkError(f"file holds key {header.key.to_string()!r}")
+        tensor, raw = empty_for(header)
+        readinto_exact(f, raw)
+        if xxhash.xxh3_64_intdigest(raw) != header.data_checksum:
+            raise CorruptChunkError("data checksum mismatch")
+        return tensor
+
+    def _open_directory(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BackendError(
+                f"local_disk directory {self.directory} cannot be used: {exc.strerror}"
+            ) from exc
+        try:
+            self._lock_fd = os.open(
+                self.directory / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
+        except OSError as exc:
+            os.close(self._dir_fd)
+            raise BackendError(
+                f"cannot create a lock file in local_disk directory {self.directory}: {exc.strerror}"
+            ) from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            os.close(self._dir_fd)
+            raise BackendError(
+                f"local_disk directory {self.directory} is in use by another LocalDiskBackend"
+            ) from exc
+
+    def _release_directory(self) -> None:
+        for name in ("_lock_fd", "_dir_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)  # closing the lock file's descriptor releases the flock
+
+    def _sync_directory(self) -> None:
+        if self._fsync and self._dir_fd is not None:
+            os.fsync(self._dir_fd)  # makes renames and deletions durable
+
+    def _scan(self) -> list[tuple[ChunkKey, _Entry]]:
+        """Rebuild the index from the files' headers, oldest modification first."""
+        found: list[tuple[int, str, ChunkKey, _Entry]] = []
+        with os.scandir(self.directory) as it:
+            for dirent in it:
+                if not dirent.is_file(follow_symlinks=False):
+                    continue
+                path = Path(dirent.path)
+                if dirent.name.startswith(".") and dirent.name.endswith(TEMP_SUFFIX):
+                    _unlink_quietly(path)  # a write that never reached its rename
+                    self._counters["temp_files_removed"] += 1
+                    continue
+                if not dirent.name.endswith(CHUNK_SUFFIX):
+                    continue
+                try:
+                    st = dirent.stat(follow_symlinks=False)
+                    with open(path, "rb", buffering=0) as f:
+                        header = read_header(f, st.st_size)
+                    if file_name(header.key) != dirent.name:
+                        raise CorruptChunkError(f"file name does not match its key {header.key}")
+                except (CorruptChunkError, OSError) as exc:
+                    logger.warning("LocalDiskBackend removes bad chunk file %s: %s", path, exc)
+                    _unlink_quietly(path)
+                    self._counters["corrupt"] += 1
+                    continue
+                entry = _Entry(header.num_tokens, header.file_size, path)
+                found.append((st.st_mtime_ns, dirent.name, header.key, entry))
+        found.sort(key=lambda item: (item[0], item[1]))
+        for _, _, key, entry in found:
+            self._index[key] = entry
+            self._used += entry.size
+        return [(key, entry) for _, _, key, entry in found]
+
+    def _shrink_to_capacity(self) -> None:
+        """Delete the least recently used files beyond the capacity (never announced)."""
+        while self._used > self.capacity_bytes and self._index:
+            key, entry = self._index.popitem(last=False)
+            self._delete_entry_locked(key, entry)
+            self._counters["evictions"] += 1
