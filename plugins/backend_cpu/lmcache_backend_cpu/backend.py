@@ -238,7 +238,7 @@ class LocalCPUBackend(StorageBackend):
             # the one copy of a store; copy_ reads any strides, so no .contiguous() clone first
             with torch.no_grad():
                 view.copy_(data)
-        except (RuntimeError, TypeError) as exc:
+        except Exception as exc:  # any failure must give the reserved range back
             with self._lock:
                 self._unreserve(slot)
             raise BackendError(
