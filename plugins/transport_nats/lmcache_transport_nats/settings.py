@@ -1,0 +1,116 @@
+"""The ``nats_*`` configuration keys, which join lmcache's root settings (env ``LMCACHE_NATS_*``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError
+
+from lmcache_core.errors import ConfigError
+
+MIB = 1024**2
+
+# A subject token is anything but separators, wildcards and whitespace (NATS subject rules).
+_TOKEN = r"[^.\s*>]+"
+_PREFIX_RE = re.compile(rf"{_TOKEN}(\.{_TOKEN})*")
+
+
+def _check_subject_prefix(value: str) -> str:
+    # Validators live in the annotation (not as model validators) so they survive the merge of
+    # these fields into the root settings class, which copies fields one by one.
+    if value == "" or _PREFIX_RE.fullmatch(value):
+        return value
+    raise ValueError(
+        f"{value!r} is not a NATS subject prefix: use dot-separated tokens without spaces, "
+        "'*' or '>' (for example 'lmcache' or 'prod.lmcache')"
+    )
+
+
+def _check_servers(value: list[str]) -> list[str]:
+    for url in value:
+        if not url.strip():
+            raise ValueError("server URLs must not be empty")
+    return value
+
+
+SubjectPrefix = Annotated[str, AfterValidator(_check_subject_prefix)]
+ServerList = Annotated[list[str], AfterValidator(_check_servers)]
+
+
+class NatsSettings(BaseModel):
+    """Connection settings of the NATS transport (keys ``nats_*``)."""
+
+    nats_servers: ServerList = Field(
+        default_factory=list,
+        description=(
+            "NATS server URLs of a cluster (host:port, nats://host:port or tls://host:port); "
+            "empty: the URL the caller passes (controller_url for workers)."
+        ),
+    )
+    nats_subject_prefix: SubjectPrefix = Field(
+        "lmcache",
+        description=(
+            "Prefix put in front of every topic, so several fleets can share one server; "
+            "dot-separated tokens without wildcards ('' for none)."
+        ),
+    )
+    nats_user: str | None = Field(None, description="User name for NATS user/password auth.")
+    nats_password: SecretStr | None = Field(
+        None, description="Password for NATS user/password auth (with nats_user)."
+    )
+    nats_token: SecretStr | None = Field(None, description="Token for NATS token auth.")
+    nats_creds_file: Path | None = Field(
+        None, description="A NATS .creds file (JWT + nkey seed) for decentralised auth."
+    )
+    nats_tls_ca_file: Path | None = Field(
+        None, description="CA bundle that verifies the server's TLS certificate."
+    )
+    nats_tls_cert_file: Path | None = Field(
+        None, description="Client certificate for mutual TLS (with nats_tls_key_file)."
+    )
+    nats_tls_key_file: Path | None = Field(
+        None, description="Private key of the client certificate for mutual TLS."
+    )
+    nats_connect_timeout: float = Field(
+        2.0,
+        gt=0,
+        description=(
+            "Seconds to wait for the first connection (every server, retries included) and "
+            "for each later connection attempt."
+        ),
+    )
+    nats_max_reconnect_attempts: int = Field(
+        -1, ge=-1, description="Reconnection attempts per server after a disconnect (-1: forever)."
+    )
+    nats_reconnect_wait: float = Field(
+        0.5, gt=0, description="Seconds between reconnection attempts to one server."
+    )
+    nats_pending_bytes: int = Field(
+        64 * MIB,
+        gt=0,
+        description=(
+            "Bytes of publishes kept while disconnected and sent after reconnecting; a publish "
+            "beyond it fails with TransportError."
+        ),
+    )
+
+
+def nats_settings_from(settings: Any) -> NatsSettings:
+    """The ``nats_*`` values of ``settings`` (root settings or a ``NatsSettings``), defaults elsewhere.
+
+    Root settings built without the plugin manager lack the ``nats_*`` fields; the defaults
+    apply then, so ``connect(LMCacheSettings(), url)`` works.
+    """
+    if isinstance(settings, NatsSettings):
+        return settings
+    values = {
+        name: getattr(settings, name)
+        for name in NatsSettings.model_fields
+        if settings is not None and hasattr(settings, name)
+    }
+    try:
+        return NatsSettings.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(f"bad NATS settings: {exc}") from None
