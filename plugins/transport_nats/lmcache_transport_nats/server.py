@@ -132,6 +132,7 @@ class NatsServerProcess:
             self._args += ["--auth", token]
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
+        self._ports_dir: str | None = None
 
     @property
     def url(self) -> str:
@@ -147,12 +148,14 @@ class NatsServerProcess:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def command(self) -> list[str]:
+    def command(self, ports_file_dir: str | None = None) -> list[str]:
         """The command line ``start()`` runs."""
+        extra = ["--ports_file_dir", ports_file_dir] if ports_file_dir else []
         return [
             str(find_nats_server_binary()),
             "--addr", self.host,
             "--port", str(self.port),
+            *extra,
             *self._args,
         ]  # fmt: skip
 
@@ -160,7 +163,10 @@ class NatsServerProcess:
         """Start the process without waiting for it to accept connections (see ``wait_ready``)."""
         if self.is_running:
             raise TransportError(f"nats-server on {self.url} is already running")
-        cmd = self.command()
+        # The server writes <exe>_<pid>.ports there once it listens: proof that the port is ours,
+        # where a probe alone could reach some other server already holding the port.
+        self._ports_dir = tempfile.mkdtemp(prefix="nats-server-ports-")
+        cmd = self.command(self._ports_dir)
         # stderr goes to a file, not a pipe: nobody reads a pipe and a full one blocks the server
         self._stderr = tempfile.TemporaryFile(prefix="nats-server-stderr-")
         try:
@@ -172,7 +178,7 @@ class NatsServerProcess:
                 preexec_fn=_death_signal_preexec(),
             )
         except OSError as exc:
-            self._close_stderr()
+            self._cleanup_files()
             raise TransportError(f"cannot run {cmd[0]}: {exc}") from exc
 
     def ready_now(self) -> bool:
@@ -184,11 +190,13 @@ class NatsServerProcess:
         if code is not None:
             output = self._read_stderr()
             self._proc = None
-            self._close_stderr()
+            self._cleanup_files()
             raise TransportError(
                 f"nats-server for {self.url} exited with code {code} before accepting "
                 f"connections; its output:\n{output.strip() or '(none)'}"
             )
+        if self._ports_dir is None or not any(Path(self._ports_dir).glob(f"*_{proc.pid}.ports")):
+            return False
         try:
             with socket.create_connection((_probe_host(self.host), self.port), timeout=0.5) as sock:
                 return sock.recv(5) == b"INFO "
@@ -245,7 +253,7 @@ class NatsServerProcess:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        self._close_stderr()
+        self._cleanup_files()
 
     async def astop(self) -> None:
         """``stop()`` for async code, run in a worker thread so the loop keeps going."""
@@ -259,10 +267,13 @@ class NatsServerProcess:
         self._stderr.seek(0)
         return self._stderr.read()[-8192:].decode(errors="replace")
 
-    def _close_stderr(self) -> None:
+    def _cleanup_files(self) -> None:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
+        if self._ports_dir is not None:
+            shutil.rmtree(self._ports_dir, ignore_errors=True)
+            self._ports_dir = None
 
     def __enter__(self) -> "NatsServerProcess":
         return self.start()
