@@ -1,0 +1,308 @@
+"""The worker against a real nats-server and a real engine (CPU + disk), the test playing the controller."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lmcache_core.events import EventKind, KVEvent
+from lmcache_core.keys import HASH_SCHEME, TokenHasher
+from lmcache_core.testing import free_port, running_nats_server
+from lmcache_core.wire import (
+    HELLO_TOPIC,
+    ClearCommand,
+    EventBatch,
+    LookupCommand,
+    PingCommand,
+    ResyncCommand,
+    command_topic,
+)
+from lmcache_core.worker import pack_events
+
+from .conftest import INSTANCE, PROMPT, WAIT, ControllerPeer, kv
+
+CPU, DISK = "LocalCPUBackend", "LocalDiskBackend"
+
+
+def reset_batches(peer: ControllerPeer, location: str, epoch: str) -> list[EventBatch]:
+    return [b for b in peer.batches_for(location, epoch) if b.reset]
+
+
+def held_by(batches: list[EventBatch]) -> set[int]:
+    """Replay batches the way a controller does: what a location holds afterwards."""
+    held: set[int] = set()
+    for batch in batches:
+        if batch.reset:
+            held.clear()
+        for kind, h, _ in zip(*batch.arrays()):
+            if kind == EventKind.ADMIT:
+                held.add(int(h))
+            elif kind == EventKind.EVICT:
+                held.discard(int(h))
+            else:
+                held.clear()
+    return held
+
+
+def test_registration_describes_model_hashing_and_locations(make_settings, make_instance, peer) -> None:
+    instance = make_instance(make_settings(namespace="tenant-a", chunk_size=128))
+    worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)
+    reg = peer.wait_until(lambda: peer.registrations, what="a registration")[0]
+    assert (reg.instance_id, reg.worker_id, reg.world_size) == (INSTANCE, 0, 1)
+    assert (reg.model_name, reg.kv_dtype) == ("test-model", "bfloat16")
+    assert (reg.hashing.scheme, reg.hashing.chunk_size, reg.hashing.namespace) == (HASH_SCHEME, 128, "tenant-a")
+    assert reg.locations == [CPU, DISK]
+    assert reg.pid == os.getpid() and reg.epoch == worker.identity.epoch
+
+
+def test_inventory_is_sent_with_reset_per_location_after_registering(make_settings, make_instance, peer) -> None:
+    instance = make_instance(make_settings())
+    tokens = list(range(600))  # chunks of 256, 256 and 88 tokens
+    assert instance.engine.store(tokens, kv(600)) == 600
+    assert instance.engine.flush(WAIT)
+    worker = instance.start_worker()  # the stores happened before: only the resync tells
+    assert worker.wait_registered(WAIT)
+    expected = set(TokenHasher(256).hashes(tokens))
+    for location in (CPU, DISK):
+        first = peer.wait_until(lambda: reset_batches(peer, location, worker.identity.epoch), what=location)[0]
+        kinds, hashes, counts = first.arrays()
+        assert set(hashes.tolist()) == expected
+        assert sorted(counts.tolist()) == [88, 256, 256]
+        assert set(kinds.tolist()) == {EventKind.ADMIT}
+
+
+def test_events_are_published_in_order_with_contiguous_seqs(make_settings, make_instance, peer) -> None:
+    # small batches and chunks, so the stream spans many batches
+    instance = make_instance(make_settings(chunk_size=16, worker_event_batch_size=7))
+    worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)
+    seen: list[KVEvent] = []
+    instance.engine.subscribe(seen.append)
+    for i in range(20):
+        instance.engine.store(list(range(i * 1000, i * 1000 + 40)), kv(40, seed=i))
+    instance.engine.clear(CPU)
+    instance.engine.store(list(range(50)), kv(50))
+    assert worker.sync(WAIT)
+    want = [(int(e.kind), e.key.chunk_hash if e.key else 0, e.num_tokens) for e in seen if e.location == CPU]
+
+    def stream() -> list[tuple[int, int, int]] | None:
+        batches = [b for b in peer.batches if b.location == CPU and b.epoch == worker.identity.epoch]
+        got = [t for b in batches if not b.reset for t in zip(*(a.tolist() for a in b.arrays()))]
+        return got if len(got) >= len(want) else None
+
+    got = peer.wait_until(stream, what="every CPU event")
+    assert got == want
+    seqs = [b.seq for b in peer.batches_for(CPU, worker.identity.epoch)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert all(len(b.arrays()[0]) <= 7 for b in peer.batches_for(CPU))
+
+
+def test_clear_removes_the_data_and_replies_tokens_and_the_seq_holding_the_clear(
+    make_settings, make_instance, peer
+) -> None:
+    instance = make_instance(make_settings())
+    worker = instance.start_worker()
+    instance.engine.store(PROMPT, kv(len(PROMPT)))
+    assert worker.wait_registered(WAIT)
+    reply = peer.command(ClearCommand(location=CPU))
+    assert reply.ok and reply.num_tokens == 12 and reply.location == CPU
+    assert instance.engine.backends[CPU].inventory() == []
+    seq = reply.last_seq[CPU]
+
+    def the_batch() -> list[EventBatch]:
+        return [b for b in peer.batches_for(CPU, worker.identity.epoch) if b.seq == seq]
+
+    batch = peer.wait_until(the_batch, what=f"batch {seq}")[0]
+    kinds, _, tokens = batch.arrays()
+    assert kinds[-1] == EventKind.CLEAR and tokens[-1] == 12
+    assert peer.command(ClearCommand(location=CPU)).num_tokens == 0
+
+
+def test_unknown_location_reply_lists_the_available_locations(make_settings, make_instance, peer) -> None:
+    instance = make_instance(make_settings())
+    assert instance.start_worker().wait_registered(WAIT)
+    reply = peer.command(ClearCommand(location="GPUBackend"))
+    assert not reply.ok and reply.error_kind == "unknown_location"
+    assert reply.available_locations == [CPU, DISK]
+    assert "GPUBackend" in reply.error and "LocalCPUBackend" in reply.error
+    resync = peer.command(ResyncCommand(locations=["Nowhere"]))
+    assert resync.error_kind == "unknown_location"
+
+
+def test_lookup_reports_the_prefix_and_the_location_holding_most_of_it(make_settings, make_instance, peer) -> None:
+    instance = make_instance(make_settings())
+    assert instance.start_worker().wait_registered(WAIT)
+    tokens = list(range(300))
+    instance.engine.store(tokens, kv(300))
+    assert instance.engine.flush(WAIT)
+    reply = peer.command(LookupCommand(tokens=tokens))
+    assert (reply.ok, reply.num_tokens, reply.location) == (True, 300, CPU)  # tie: the fastest
+    longer = peer.command(LookupCommand(tokens=tokens + [7, 8, 9]))
+    assert longer.num_tokens == 256  # the stored partial chunk names a different prefix
+    instance.engine.clear(CPU)
+    reply = peer.command(LookupCommand(tokens=tokens))
+    assert (reply.num_tokens, reply.location) == (300, DISK)
+    miss = peer.command(LookupCommand(tokens=[5, 4, 3]))
+    assert (miss.ok, miss.num_tokens, miss.location) == (True, 0, None)
+
+
+def test_resync_command_resends_the_inventory_with_reset(make_settings, make_instance, peer) -> None:
+    instance = make_instance(make_settings())
+    worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)
+    instance.engine.store(PROMPT, kv(12))
+    reply = peer.command(ResyncCommand(locations=[CPU]))
+    assert reply.ok and set(reply.last_seq) == {CPU}
+    seq = reply.last_seq[CPU]
+    batch = peer.wait_until(
+        lambda: [b for b in peer.batches_for(CPU, worker.identity.epoch) if b.seq == seq], what="resync"
+    )[0]
+    assert batch.reset and batch.arrays()[1].tolist() == TokenHasher(256).hashes(PROMPT)
+    assert held_by(peer.batches_for(CPU, worker.identity.epoch)) == set(TokenHasher(256).hashes(PROMPT))
+
+
+def test_a_bad_command_gets_an_error_reply_and_the_worker_keeps_serving(make_settings, make_instance, peer) -> None:
+    instance = make_instance(make_settings())
+    assert instance.start_worker().wait_registered(WAIT)
+    topic = command_topic(INSTANCE, 0)
+    from lmcache_core.wire import CommandReply
+
+    for payload in (b"not json", b'{"event_id": "x", "command": {"op": "format_disk"}}',
+                    b'{"version": 9, "event_id": "x", "command": {"op": "ping"}, "extra": 1}'):
+        reply = CommandReply.decode(peer.request(topic, payload))
+        assert not reply.ok and reply.error_kind == "bad_request" and reply.error
+    assert "version 9" in reply.error
+    pong = peer.command(PingCommand())
+    assert pong.ok and pong.registration is not None and pong.registration.locations == [CPU, DISK]
+
+
+def test_heartbeats_carry_last_seq_and_chunk_counts(make_settings, make_instance, peer) -> None:
+    instance = make_instance(make_settings())
+    worker = instance.start_worker()
+    instance.engine.store(list(range(600)), kv(600))
+    assert instance.engine.flush(WAIT)
+    assert worker.sync(WAIT)
+    want = worker.last_seq()
+    beat = peer.wait_until(
+        lambda: [h for h in peer.heartbeats if h.last_seq == want and h.chunks == {CPU: 3, DISK: 3}],
+        what=f"a heartbeat with {want}",
+    )[0]
+    assert beat.epoch == worker.identity.epoch
+
+
+def test_worker_reregisters_and_resyncs_after_the_nats_server_restarts(
+    make_settings, make_instance, peer, nats_server
+) -> None:
+    instance = make_instance(make_settings())
+    worker = instance.start_worker()
+    instance.engine.store(PROMPT, kv(12))
+    assert worker.wait_registered(WAIT)
+    peer.wait_until(lambda: len(peer.registrations) == 1)
+    nats_server.stop()
+    instance.engine.clear(CPU)  # happens while the bus is down
+    instance.engine.store(list(range(100)), kv(100))
+    nats_server.start()
+    peer.wait_until(lambda: len(peer.registrations) >= 2, what="a second registration")
+    assert peer.registrations[-1].epoch == worker.identity.epoch
+    want = {CPU: set(TokenHasher(256).hashes(list(range(100))))}
+    peer.wait_until(
+        lambda: held_by(peer.batches_for(CPU, worker.identity.epoch)) == want[CPU]
+        and reset_batches(peer, CPU, worker.identity.epoch)[1:],
+        what="the index to converge after a resync",
+    )
+
+
+def test_controller_hello_makes_the_worker_register_and_resync_again(make_settings, make_instance, peer) -> None:
+    instance = make_instance(make_settings())
+    worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)
+    peer.wait_until(lambda: len(reset_batches(peer, CPU, worker.identity.epoch)) == 1)
+    peer.publish(HELLO_TOPIC, b"{}")
+    peer.wait_until(lambda: len(peer.registrations) >= 2, what="registration after hello")
+    peer.wait_until(lambda: len(reset_batches(peer, CPU, worker.identity.epoch)) >= 2, what="resync after hello")
+
+
+def test_worker_keeps_retrying_until_a_controller_answers(make_settings, make_instance, nats_server) -> None:
+    settings = make_settings()
+    listener = ControllerPeer(settings, nats_server.url, answer_register=False).start()
+    try:
+        instance = make_instance(settings)
+        worker = instance.start_worker()
+        listener.wait_until(lambda: len(listener.heartbeats) >= 3, what="heartbeats without a controller")
+        assert not worker.registered
+        controller = ControllerPeer(settings, nats_server.url).start()
+        try:
+            controller.publish(HELLO_TOPIC, b"{}")
+            assert worker.wait_registered(WAIT)
+        finally:
+            controller.close()
+    finally:
+        listener.close()
+
+
+def test_worker_connects_once_the_bus_comes_up(make_settings, make_instance) -> None:
+    port = free_port()
+    settings = make_settings(controller_url=f"127.0.0.1:{port}", nats_connect_timeout=0.5)
+    instance = make_instance(settings)
+    worker = instance.start_worker()
+    instance.engine.store(PROMPT, kv(12))  # the engine works without a bus
+    assert not worker.wait_registered(0.3)
+    with running_nats_server(port=port) as server:
+        controller = ControllerPeer(settings, server.url).start()
+        try:
+            assert worker.wait_registered(WAIT)
+            controller.wait_until(
+                lambda: held_by(controller.batches_for(CPU)) == set(TokenHasher(256).hashes(PROMPT))
+            )
+        finally:
+            controller.close()
+
+
+def test_unused_lmcache_keys_are_named_in_one_info_line(
+    make_settings, make_instance, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(distributed_url="localhost:8002", lmcache_worker_ports=[8001, 8002],
+                             p2p_host="localhost", p2p_init_ports=8200)
+    with caplog.at_level(logging.INFO, logger="lmcache_core.worker"):
+        make_instance(settings).start_worker()
+    lines = [r for r in caplog.records if "LMCache compatibility" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    for key in ("distributed_url", "lmcache_worker_ports", "p2p_host", "p2p_init_ports"):
+        assert key in lines[0].getMessage()
+    assert "lmcache_worker_port," not in lines[0].getMessage()
+
+
+def test_engine_with_enable_controller_starts_and_stops_its_worker(make_settings, pm, peer) -> None:
+    from lmcache_core.engine import CacheEngine, EngineMetadata
+
+    with CacheEngine(make_settings(), EngineMetadata("m"), pm) as engine:
+        engine.store(PROMPT, kv(12))
+        peer.wait_until(lambda: held_by(peer.batches_for(CPU)) == set(TokenHasher(256).hashes(PROMPT)))
+
+
+def test_pack_events_splits_locations_and_keeps_order() -> None:
+    from lmcache_core.keys import ChunkKey
+
+    def key(h: int) -> ChunkKey:
+        return ChunkKey("m", 1, 0, "bfloat16", h)
+
+    events = [
+        KVEvent(EventKind.ADMIT, "A", key(1), 256, 1),
+        KVEvent(EventKind.ADMIT, "B", key(2), 256, 1),
+        KVEvent(EventKind.EVICT, "A", key(1), 256, 2),
+        KVEvent(EventKind.CLEAR, "B", None, 256, 2),
+        KVEvent(EventKind.ADMIT, "A", key(2**64 - 1), 12, 3),
+    ]
+    packed = pack_events(events)
+    assert list(packed) == ["A", "B"]
+    kinds, hashes, tokens = packed["A"]
+    assert kinds.tolist() == [1, 2, 1] and hashes.tolist() == [1, 1, 2**64 - 1] and tokens.tolist() == [256, 256, 12]
+    kinds, hashes, tokens = packed["B"]
+    assert kinds.tolist() == [1, 3] and hashes.tolist() == [2, 0]
+    assert hashes.dtype == np.dtype("<u8") and tokens.dtype == np.dtype("<u4")
