@@ -1,0 +1,605 @@
+"""The controller's KV index: which holder holds which chunk hash.
+
+A *holder* is one ``(instance_id, worker_id, location)`` triple, known by a small integer id.
+The index stores one entry per (chunk hash, holder) pair and answers, for a list of query
+hashes, which holders hold which of them.
+
+Layout (why it is not a ``dict`` of ``set``s: 10M entries must fit in ~40 bytes each and a
+batch must be applied with a handful of numpy calls, not one Python step per entry):
+
+* one open-addressing table with linear probing, three parallel arrays per slot (the mixed
+  chunk hash ``u64``, the holder *incarnation* ``u32``, the chunk's tokens ``u32``): 16 bytes
+  a slot. All holders of one hash share a home slot, so they sit in one run of the table;
+* slots are only ever written, never emptied: an evicted entry becomes a tombstone, so runs
+  never break and a probe never needs to look past an empty slot;
+* a per-bucket *reach* (``hint``) records how far past the start of each 8-slot bucket the
+  entries homed there have been pushed, so every search reads exactly one window per key;
+* clearing or removing a holder retires its incarnation (O(1)); the dead entries, like
+  tombstones, stay until the table is rebuilt;
+* the rebuild (growing, shrinking or dropping garbage) is incremental: a fresh table is filled
+  region by region on later mutating calls, while keys are routed to whichever table holds
+  their home range. The home of a key is monotone in its mixed hash, so a region's entries land
+  in the new table in one sorted, vectorized placement without probing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmcache_core.errors import LMCacheError
+from lmcache_core.events import EventKind
+
+__all__ = [
+    "HolderInfo",
+    "IndexInputError",
+    "KVIndex",
+    "UnknownHolderError",
+    "longest_prefix",
+]
+
+# multiplying by an odd constant is a bijection on u64, so mixed keys stay exact; it spreads
+# small or structured hashes (tests, other producers) over the whole table
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_EMPTY = 0  # holder value of a never-used slot
+_TOMB = 1  # holder value of an evicted entry
+_FIRST_INCARNATION = 2
+_BUCKET_SHIFT = 3  # 8 slots share one reach value
+_MIN_CAPACITY = 1024
+_MAX_LOAD = 0.7  # used slots (live + garbage) per home slot before a rebuild starts
+_TARGET_LOAD = 0.5  # live entries per home slot right after a rebuild
+_GARBAGE_MIN = 1 << 16  # never rebuild just to drop fewer dead entries than this
+_TAIL = 64  # slots kept empty at the end of the arrays, so probe windows never run off them
+_PROBE = 8  # slots read in the first probing round when looking for an empty slot
+_MAX_PROBE = 64  # later rounds double the width up to this (< _TAIL)
+_RAMP = np.arange(_MAX_PROBE)
+_MIGRATE_MIN_SLOTS = 1 << 16  # old-table slots moved per mutating call during a rebuild
+_OLD_LOAD_LIMIT = 0.85  # the table being moved still takes admits for its part, up to this load
+_MAX_SHRINK = 12  # a rebuild's new capacity is at least this fraction of the old table
+_U32_MAX = (1 << 32) - 1
+
+ADMIT = int(EventKind.ADMIT)
+EVICT = int(EventKind.EVICT)
+CLEAR = int(EventKind.CLEAR)
+
+
+class IndexInputError(LMCacheError, ValueError):
+    """A batch handed to the index is malformed (shapes, kinds or values)."""
+
+
+class UnknownHolderError(LMCacheError, KeyError):
+    """A holder id that the index never issued or has removed."""
+
+    def __str__(self) -> str:  # KeyError would quote the message otherwise
+        return str(self.args[0])
+
+
+@dataclass(frozen=True, slots=True)
+class HolderInfo:
+    """One registered holder and what it holds now (deduplicated)."""
+
+    holder_id: int
+    instance_id: str
+    worker_id: int
+    location: str
+    chunks: int
+    tokens: int
+
+
+def longest_prefix(mask: np.ndarray) -> int:
+    """The number of leading ``True`` values in ``mask`` (how many query chunks hit in a row)."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.size == 0:
+        return 0
+    first_miss = int(np.argmin(mask))
+    return int(mask.size) if mask[first_miss] else first_miss
+
+
+def _mix(hashes: np.ndarray) -> np.ndarray:
+    return hashes * _GOLDEN
+
+
+class _Table:
+    """One linear-probing table of (mixed hash, incarnation, tokens) slots."""
+
+    __slots__ = ("cap", "keys", "hold", "toks", "reach", "used", "_cap64")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._cap64 = np.uint64(cap)
+        size = cap + _TAIL + (1 << _BUCKET_SHIFT)
+        # np.zeros maps fresh zero pages lazily: allocating a big table costs no time up front
+        self.keys = np.zeros(size, dtype=np.uint64)
+        self.hold = np.zeros(size, dtype=np.uint32)
+        self.toks = np.zeros(size, dtype=np.uint32)
+        self.reach = np.zeros((size >> _BUCKET_SHIFT) + 1, dtype=np.uint32)
+        self.used = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.hold.nbytes + self.toks.nbytes + self.reach.nbytes
+
+    def home(self, mixed: np.ndarray) -> np.ndarray:
+        """Home slots; monotone in the mixed hash (top 32 bits scaled to the capacity)."""
+        return (((mixed >> np.uint64(32)) * self._cap64) >> np.uint64(32)).astype(np.intp)
+
+    def _grow_tail(self, needed_len: int) -> None:
+        # a run reached the end of the arrays (a huge cluster at the top of the hash range)
+        size = max(needed_len + _TAIL, len(self.keys) + (len(self.keys) >> 3))
+        extra = size - len(self.keys)
+        self.keys = np.concatenate([self.keys, np.zeros(extra, dtype=np.uint64)])
+        self.hold = np.concatenate([self.hold, np.zeros(extra, dtype=np.uint32)])
+        self.toks = np.concatenate([self.toks, np.zeros(extra, dtype=np.uint32)])
+        reach = np.zeros((size >> _BUCKET_SHIFT) + 1, dtype=np.uint32)
+        reach[: len(self.reach)] = self.reach
+        self.reach = reach
+
+    def windows(self, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, slot) of every slot that can hold an entry for each key."""
+        start = self.home(mixed)
+        bucket = start >> _BUCKET_SHIFT
+        lens = (bucket << _BUCKET_SHIFT) + self.reach[bucket].astype(np.intp) - start
+        np.maximum(lens, 0, out=lens)
+        total = int(lens.sum())
+        if total == 0:
+            empty = np.empty(0, dtype=np.intp)
+            return empty, empty
+        rows = np.repeat(np.arange(len(mixed)), lens)
+        offsets = np.cumsum(lens) - lens
+        slots = np.arange(total, dtype=np.intp) + np.repeat(start - offsets, lens)
+        return rows, slots
+
+    def find(self, mixed: np.ndarray, inc: int) -> np.ndarray:
+        """The slot holding each (key, ``inc``) pair, or -1; keys must be distinct."""
+        found = np.full(len(mixed), -1, dtype=np.intp)
+        rows, slots = self.windows(mixed)
+        if rows.size:
+            hit = np.flatnonzero((self.keys[slots] == mixed[rows]) & (self.hold[slots] == inc))
+            found[rows[hit]] = slots[hit]
+        return found
+
+    def find_all(self, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, incarnation) of every slot whose key matches a query (garbage included)."""
+        rows, slots = self.windows(mixed)
+        if rows.size == 0:
+            return rows, rows
+        hit = np.flatnonzero(self.keys[slots] == mixed[rows])
+        return rows[hit], self.hold[slots[hit]]
+
+    def claim(self, mixed: np.ndarray, inc: int, toks: np.ndarray) -> None:
+        """Write new (key, ``inc``) pairs, known absent and distinct, into the first free slots."""
+        n = len(mixed)
+        home = self.home(mixed)
+        pos = home.copy()
+        placed = np.empty(n, dtype=np.intp)
+        active = np.arange(n)
+        width = _PROBE
+        while active.size:
+            # few rows need a second round; those that do sit in long runs, so look further
+            reach = int(pos[active].max()) + width + _TAIL
+            if reach >= len(self.keys):
+                self._grow_tail(reach)
+            at = pos[active]
+            free = self.hold[at[:, None] + _RAMP[:width]] == _EMPTY
+            has = free.any(axis=1)
+            moving = active[~has]
+            pos[moving] += width
+            cand = active[has]
+            slot = at[has] + free[has].argmax(axis=1)
+            # several candidates may want one free slot: each writes its row number into the
+            # (still unused) token cell and whoever's number stays there wins the slot
+            tag = cand.astype(np.uint32)
+            self.toks[slot] = tag
+            won = self.toks[slot] == tag
+            win_rows, win_slots = cand[won], slot[won]
+            self.keys[win_slots] = mixed[win_rows]
+            self.hold[win_slots] = inc
+            self.toks[win_slots] = toks[win_rows]
+            placed[win_rows] = win_slots
+            lost = ~won
+            pos[cand[lost]] = slot[lost]  # now taken: look again from there
+            active = np.concatenate([moving, cand[lost]])
+            width = min(width * 2, _MAX_PROBE)
+        self.used += n
+        self._note_reach(home, placed)
+
+    def _note_reach(self, home: np.ndarray, placed: np.ndarray) -> None:
+        bucket = home >> _BUCKET_SHIFT
+        reach = (placed - (bucket << _BUCKET_SHIFT) + 1).astype(np.uint32)
+        np.maximum.at(self.reach, bucket, reach)
+
+    def first_empty(self, start: int) -> int:
+        """The first empty slot at or after ``start`` (the tail guarantees one exists)."""
+        step = 1024
+        while True:
+            window = self.hold[start : start + step]
+            empty = np.flatnonzero(window == _EMPTY)
+            if empty.size:
+                return start + int(empty[0])
+            if start + step >= len(self.hold):
+                raise AssertionError("table tail is not empty")  # an internal invariant broke
+            start += step
+            step *= 2
+
+    def place_sorted_run(self, mixed: np.ndarray, incs: np.ndarray, toks: np.ndarray) -> None:
+        """Insert entries whose homes are at or above every home already in this table.
+
+        That holds while a rebuild fills this table region by region, so the linear-probing
+        layout is one cumulative maximum: position i = max(home i, position i-1 + 1).
+        """
+        home = self.home(mixed)
+        order = np.argsort(home, kind="stable")  # old-table order is nearly sorted already
+        home, mixed, incs, toks = home[order], mixed[order], incs[order], toks[order]
+        n = len(home)
+        first_free = self.first_empty(int(home[0]))
+        ramp = np.arange(n, dtype=np.intp)
+        placed = ramp + np.maximum(np.maximum.accumulate(home - ramp), first_free)
+        if int(placed[-1]) + _TAIL >= len(self.keys):
+            self._grow_tail(int(placed[-1]) + _TAIL)
+        self.keys[placed] = mixed
+        self.hold[placed] = incs
+        self.toks[placed] = toks
+        self.used += n
+        self._note_reach(home, placed)
+
+
+def _as_hashes(hashes: object, what: str = "hashes") -> np.ndarray:
+    try:
+        arr = np.asarray(hashes, dtype=np.uint64)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise IndexInputError(f"{what} must be unsigned 64-bit integers: {exc}") from exc
+    if arr.ndim != 1:
+        raise IndexInputError(f"{what} must be a flat array, got shape {arr.shape}")
+    return arr
+
+
+def _as_tokens(tokens: object, n: int) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1 or len(arr) != n:
+        raise IndexInputError(f"tokens must be a flat array of {n} counts, got shape {arr.shape}")
+    if arr.size and (arr.dtype.kind not in "iu" or int(arr.min()) < 0 or int(arr.max()) > _U32_MAX):
+        raise IndexInputError("tokens must be integers in [0, 2**32)")
+    return arr.astype(np.uint32, copy=False)
+
+
+def _last_per_key(keys: np.ndarray) -> np.ndarray:
+    """Positions of the last occurrence of each distinct key, in key order."""
+    n = len(keys)
+    if n <= 1:
+        return np.arange(n)
+    _, first_in_reversed = np.unique(keys[::-1], return_index=True)
+    return n - 1 - first_in_reversed
+
+
+class KVIndex:
+    """Which holder holds which chunk hash; fed by worker event batches, asked by lookups.
+
+    Exact: admitting twice counts once (the later token count wins), evicting an absent entry
+    is ignored, and cleared, replaced or removed holders leave no trace in lookups or counts.
+    Not thread-safe; every call is short (batches cost in proportion to their size).
+
+    >>> index = KVIndex()
+    >>> h = index.holder_id("vllm-0", 0, "cpu")
+    >>> index.admit(h, np.array([11, 12], dtype=np.uint64), np.array([256, 256], dtype=np.uint32))
+    >>> {k: v.tolist() for k, v in index.lookup(np.array([11, 12, 13], dtype=np.uint64)).items()}
+    {0: [True, True, False]}
+    """
+
+    def __init__(self, capacity: int = 0, rebuild_step: int = _MIGRATE_MIN_SLOTS) -> None:
+        """``capacity``: expected entries, to skip early rebuilds; ``rebuild_step``: the fewest
+        old-table slots a mutating call moves while a rebuild runs (smaller: thinner slices)."""
+        self._table = _Table(max(_MIN_CAPACITY, int(capacity / _TARGET_LOAD)))
+        self._rebuild_step = max(1, int(rebuild_step))
+        # while rebuilding: the table being emptied, the first of its slots not moved yet,
+        # and how many old slots to move per unit of work
+        self._old: _Table | None = None
+        self._moved_to = 0
+        self._move_rate = 0
+        self._live = 0
+        # holder ids are stable; each holds an incarnation that clear_holder replaces, so old
+        # entries die in O(1). Per incarnation: its holder (-1 once dead), chunks and tokens.
+        self._holder_of = np.full(64, -1, dtype=np.int64)
+        self._chunks = np.zeros(64, dtype=np.int64)
+        self._tokens = np.zeros(64, dtype=np.int64)
+        self._next_inc = _FIRST_INCARNATION
+        self._ids: dict[tuple[str, int, str], int] = {}
+        self._triples: dict[int, tuple[str, int, str]] = {}
+        self._inc: dict[int, int] = {}
+        self._next_holder = 0
+
+    # ---- holders -------------------------------------------------------------------------
+
+    def holder_id(self, instance_id: str, worker_id: int, location: str) -> int:
+        """The id of this holder, registering it (empty) on first sight."""
+        triple = (str(instance_id), int(worker_id), str(location))
+        hid = self._ids.get(triple)
+        if hid is None:
+            hid = self._next_holder
+            self._next_holder += 1
+            self._ids[triple] = hid
+            self._triples[hid] = triple
+            self._inc[hid] = self._new_incarnation(hid)
+        return hid
+
+    def holders(self) -> list[HolderInfo]:
+        """Every registered holder with its current chunk and token counts."""
+        out = []
+        for hid, (instance_id, worker_id, location) in self._triples.items():
+            inc = self._inc[hid]
+            out.append(
+                HolderInfo(
+                    hid,
+                    instance_id,
+                    worker_id,
+                    location,
+                    int(self._chunks[inc]),
+                    int(self._tokens[inc]),
+                )
+            )
+        return out
+
+    def holder_stats(self, holder: int) -> tuple[int, int]:
+        """(chunks, tokens) the holder holds now, exact and deduplicated."""
+        inc = self._current(holder)
+        return int(self._chunks[inc]), int(self._tokens[inc])
+
+    def _current(self, holder: int) -> int:
+        try:
+            return self._inc[holder]
+        except (KeyError, TypeError):
+            raise UnknownHolderError(
+                f"unknown holder id {holder!r}; it was never registered or has been removed"
+            ) from None
+
+    def _new_incarnation(self, holder: int) -> int:
+        inc = self._next_inc
+        self._next_inc += 1
+        if inc >= len(self._holder_of):
+            size = 2 * len(self._holder_of)
+            self._holder_of = np.concatenate(
+                [self._holder_of, np.full(size - len(self._holder_of), -1, dtype=np.int64)]
+            )
+            self._chunks = np.concatenate([self._chunks, np.zeros(size - len(self._chunks), np.int64)])
+            self._tokens = np.concatenate([self._tokens, np.zeros(size - len(self._tokens), np.int64)])
+        if inc > _U32_MAX:
+            raise LMCacheError("the index ran out of holder incarnations (2**32 clears)")
+        self._holder_of[inc] = holder
+        return inc
+
+    def _retire(self, inc: int) -> int:
+        """Kill an incarnation in O(1); returns the tokens it held."""
+        tokens = int(self._tokens[inc])
+        self._live -= int(self._chunks[inc])
+        self._holder_of[inc] = -1
+        self._chunks[inc] = 0
+        self._tokens[inc] = 0
+        return tokens
+
+    def clear_holder(self, holder: int) -> int:
+        """Forget everything the holder holds; it stays registered, empty. Returns tokens removed."""
+        old = self._current(holder)
+        self._inc[holder] = self._new_incarnation(holder)
+        return self._retire(old)
+
+    def remove_holder(self, holder: int) -> None:
+        """Unregister the holder (a dead worker, a gone location); O(1) whatever it holds."""
+        inc = self._current(holder)
+        del self._inc[holder]
+        del self._ids[self._triples.pop(holder)]
+        self._retire(inc)
+
+    # ---- entries -------------------------------------------------------------------------
+
+    def admit(self, holder: int, hashes: np.ndarray, tokens: np.ndarray) -> None:
+        """Record that the holder holds these chunks (idempotent per hash and holder)."""
+        self._current(holder)
+        keys = _as_hashes(hashes)
+        toks = _as_tokens(tokens, len(keys))
+        keep = _last_per_key(keys)
+        self._prepare(len(keep))
+        self._admit(self._inc[holder], _mix(keys[keep]), toks[keep])
+        self._advance(len(keys))
+
+    def evict(self, holder: int, hashes: np.ndarray) -> None:
+        """Record that the holder no longer holds these chunks; absent ones are ignored."""
+        inc = self._current(holder)
+        keys = np.unique(_as_hashes(hashes))
+        self._prepare(0)
+        self._evict(inc, _mix(keys))
+        self._advance(len(keys))
+
+    def apply(self, holder: int, kinds: np.ndarray, hashes: np.ndarray, tokens: np.ndarray) -> None:
+        """Apply an ordered batch of one holder's events: kind 1 admit, 2 evict, 3 clear.
+
+        The outcome is that of applying the events one by one (the hash of a clear is ignored).
+        """
+        self._current(holder)
+        keys = _as_hashes(hashes)
+        kinds = np.asarray(kinds)
+        if kinds.shape != keys.shape:
+            raise IndexInputError(f"kinds has shape {kinds.shape} but hashes has {keys.shape}")
+        toks = _as_tokens(tokens, len(keys))
+        if kinds.size and not np.isin(kinds, (ADMIT, EVICT, CLEAR)).all():
+            bad = sorted({int(k) for k in kinds[~np.isin(kinds, (ADMIT, EVICT, CLEAR))]})
+            raise IndexInputError(f"unknown event kinds {bad}; expected 1 admit, 2 evict, 3 clear")
+        # clears cut the batch into segments; inside one, only the last event per hash matters
+        cuts = np.flatnonzero(kinds == CLEAR)
+        self._prepare(len(keys))
+        start = 0
+        for cut in [*cuts.tolist(), len(keys)]:
+            if cut > start:
+                self._apply_segment(self._inc[holder], kinds[start:cut], keys[start:cut], toks[start:cut])
+            if cut < len(keys):
+                self._retire_and_renew(holder)
+            start = cut + 1
+        self._advance(len(keys))
+
+    def _apply_segment(self, inc: int, kinds: np.ndarray, keys: np.ndarray, toks: np.ndarray) -> None:
+        last = _last_per_key(keys)
+        kinds, keys, toks = kinds[last], _mix(keys[last]), toks[last]
+        admit = kinds == ADMIT
+        self._admit(inc, keys[admit], toks[admit])
+        evict = ~admit
+        self._evict(inc, keys[evict])
+
+    def _retire_and_renew(self, holder: int) -> None:
+        old = self._inc[holder]
+        self._inc[holder] = self._new_incarnation(holder)
+        self._retire(old)
+
+    def replace_holder(self, holder: int, hashes: np.ndarray, tokens: np.ndarray) -> None:
+        """Make the holder hold exactly these chunks (a resync snapshot)."""
+        self._current(holder)
+        keys = _as_hashes(hashes)
+        toks = _as_tokens(tokens, len(keys))
+        self._retire_and_renew(holder)
+        keep = _last_per_key(keys)
+        self._prepare(len(keep))
+        self._admit(self._inc[holder], _mix(keys[keep]), toks[keep])
+        self._advance(len(keys))
+
+    def _parts(self, mixed: np.ndarray) -> list[tuple[_Table, np.ndarray | None]]:
+        """Which table each key lives in: [(table, row selector or None for all)]."""
+        if self._old is None:
+            return [(self._table, None)]
+        to_new = self._old.home(mixed) < self._moved_to
+        return [(self._table, np.flatnonzero(to_new)), (self._old, np.flatnonzero(~to_new))]
+
+    def _admit(self, inc: int, mixed: np.ndarray, toks: np.ndarray) -> None:
+        if not len(mixed):
+            return
+        for table, sel in self._parts(mixed):
+            m, t = (mixed, toks) if sel is None else (mixed[sel], toks[sel])
+            if not len(m):
+                continue
+            slots = table.find(m, inc)
+            present = slots >= 0
+            if present.any():
+                at = slots[present]
+                new = t[present]
+                self._tokens[inc] += int(new.sum(dtype=np.int64)) - int(
+                    table.toks[at].sum(dtype=np.int64)
+                )
+                table.toks[at] = new
+            absent = ~present
+            n_new = int(absent.sum())
+            if n_new:
+                table.claim(m[absent], inc, t[absent])
+                self._chunks[inc] += n_new
+                self._tokens[inc] += int(t[absent].sum(dtype=np.int64))
+                self._live += n_new
+
+    def _evict(self, inc: int, mixed: np.ndarray) -> None:
+        if not len(mixed):
+            return
+        for table, sel in self._parts(mixed):
+            m = mixed if sel is None else mixed[sel]
+            if not len(m):
+                continue
+            slots = table.find(m, inc)
+            at = slots[slots >= 0]
+            if at.size:
+                table.hold[at] = _TOMB
+                self._chunks[inc] -= at.size
+                self._tokens[inc] -= int(table.toks[at].sum(dtype=np.int64))
+                self._live -= at.size
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def lookup(self, hashes: np.ndarray) -> dict[int, np.ndarray]:
+        """For each holder holding any of ``hashes``: a bool mask of which ones it holds."""
+        keys = _as_hashes(hashes)
+        mixed = _mix(keys)
+        if self._old is None:
+            rows, incs = self._table.find_all(mixed)
+        else:
+            found = [
+                (sel[r], i)
+                for table, sel in self._parts(mixed)
+                for r, i in [table.find_all(mixed[sel])]
+            ]
+            rows = np.concatenate([f[0] for f in found])
+            incs = np.concatenate([f[1] for f in found])
+        owners = self._holder_of[incs]  # empty slots, tombstones and dead incarnations are -1
+        alive = owners >= 0
+        if not alive.all():
+            owners, rows = owners[alive], rows[alive]
+        if not owners.size:
+            return {}
+        ids = np.flatnonzero(np.bincount(owners))
+        compact = np.empty(int(ids[-1]) + 1, dtype=np.intp)
+        compact[ids] = np.arange(len(ids))
+        masks = np.zeros((len(ids), len(keys)), dtype=bool)
+        masks[compact[owners], rows] = True
+        return dict(zip(ids.tolist(), masks))
+
+    def num_entries(self) -> int:
+        """Live (chunk hash, holder) entries."""
+        return self._live
+
+    def memory_bytes(self) -> int:
+        """Bytes of the arrays that hold entries and per-holder counts."""
+        total = self._table.nbytes + self._holder_of.nbytes + self._chunks.nbytes + self._tokens.nbytes
+        if self._old is not None:
+            total += self._old.nbytes
+        return total
+
+    # ---- maintenance ---------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Finish any rebuild in progress now (tests and benchmarks; normal calls amortize it)."""
+        while self._old is not None:
+            self._move_step(len(self._old.keys))
+
+    def _prepare(self, incoming: int) -> None:
+        """Make room for up to ``incoming`` new entries; start a rebuild when one is due."""
+        if self._old is not None and (
+            self._table.used + incoming > _MAX_LOAD * self._table.cap
+            or self._old.used + incoming > _OLD_LOAD_LIMIT * self._old.cap
+        ):
+            self.settle()  # the move fell behind a burst of admits; rare with a sane batch size
+        if self._old is not None:
+            return
+        table = self._table
+        garbage = table.used - self._live
+        wanted = max(_MIN_CAPACITY, int((self._live + incoming) / _TARGET_LOAD) + 1)
+        if (
+            table.used + incoming > _MAX_LOAD * table.cap
+            or (garbage >= _GARBAGE_MIN and garbage > table.used // 2)
+            or (table.cap > 4 * _MIN_CAPACITY and table.cap > 8 * wanted)
+        ):
+            # never shrink by more than _MAX_SHRINK at once: the new table must have room for
+            # what arrives while the old one is moved, and the move must stay a few slots
+            # per unit of work so that no call stalls
+            cap = max(wanted, len(table.keys) // _MAX_SHRINK)
+            self._old = table
+            self._table = _Table(cap)
+            self._moved_to = 0
+            headroom = max(1.0, _MAX_LOAD * cap - self._live - incoming)
+            # twice the pace that just fits, so the old table's load barely rises meanwhile
+            self._move_rate = 2 * int(np.ceil(len(table.keys) / headroom))
+            if len(table.keys) <= 4 * self._rebuild_step:
+                self.settle()  # small tables are cheaper to move at once
+
+    def _advance(self, work: int) -> None:
+        """Move a share of the old table proportional to ``work`` while a rebuild runs."""
+        if self._old is not None:
+            self._move_step(max(self._rebuild_step, work * self._move_rate))
+
+    def _move_step(self, budget: int) -> None:
+        old = self._old
+        assert old is not None
+        start = self._moved_to
+        stop = min(start + budget, len(old.keys))
+        if stop < len(old.keys):
+            stop = old.first_empty(stop - 1) + 1  # end regions on an empty slot: runs stay whole
+        incs = old.hold[start:stop]
+        live = np.flatnonzero(self._holder_of[incs] >= 0)
+        if live.size:
+            self._table.place_sorted_run(
+                old.keys[start:stop][live], incs[live], old.toks[start:stop][live]
+            )
+        self._moved_to = stop
+        if stop >= len(old.keys):
+            self._old = None
