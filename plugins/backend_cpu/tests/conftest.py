@@ -5,22 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-import torch
 
 from lmcache_core.events import EventBus, KVEvent
-from lmcache_core.keys import ChunkKey
 
 from lmcache_backend_cpu import LocalCPUBackend
-
-
-def key(i: int) -> ChunkKey:
-    """A distinct chunk key per integer."""
-    return ChunkKey("test/model", 1, 0, "float16", i)
-
-
-def filled(nbytes: int, value: int) -> torch.Tensor:
-    """A uint8 chunk of ``nbytes`` whose every byte is ``value`` (to spot overwrites)."""
-    return torch.full((nbytes,), value % 256, dtype=torch.uint8)
 
 
 @pytest.fixture

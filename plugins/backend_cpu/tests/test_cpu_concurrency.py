@@ -12,7 +12,7 @@ from lmcache_core.events import EventKind, KVEvent
 
 from lmcache_backend_cpu import LocalCPUBackend
 
-from conftest import filled, key
+from cpu_helpers import filled, key
 
 MakeBackend = Callable[[int], LocalCPUBackend]
 KEYS = 40

@@ -9,7 +9,7 @@ from lmcache_core.events import EventBus, EventKind, KVEvent
 
 from lmcache_backend_cpu import LocalCPUBackend
 
-from conftest import filled, key
+from cpu_helpers import filled, key
 
 MakeBackend = Callable[[int], LocalCPUBackend]
 UNIT = 1024

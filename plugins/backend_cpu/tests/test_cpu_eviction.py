@@ -11,7 +11,7 @@ from lmcache_core.storage import ChunkView
 
 from lmcache_backend_cpu import LocalCPUBackend
 
-from conftest import filled, key
+from cpu_helpers import filled, key
 
 MakeBackend = Callable[[int], LocalCPUBackend]
 UNIT = 1024  # bytes of one test chunk; a multiple of the alignment, so units tile the pool

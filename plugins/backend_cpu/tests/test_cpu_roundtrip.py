@@ -12,7 +12,7 @@ from lmcache_core.errors import BackendError
 
 from lmcache_backend_cpu import ALIGNMENT, LocalCPUBackend
 
-from conftest import key
+from cpu_helpers import key
 
 MakeBackend = Callable[[int], LocalCPUBackend]
 
