@@ -1,0 +1,151 @@
+"""``lmcache_controller``: run the cache controller (HTTP API plus the workers' message bus).
+
+    lmcache_controller --host localhost --port 9000 --monitor-port 9001
+
+``--monitor-port`` starts the transport's own server (a real ``nats-server``) on that port for
+workers to reach (their ``controller_url``); ``--nats-url`` uses an existing server or cluster
+instead. Once serving, one JSON line goes to stdout::
+
+    {"ready": true, "http": "http://localhost:9000", "bus": "nats://localhost:9001", "pid": 123}
+
+SIGINT or SIGTERM stops everything it started, in reverse order. Bad arguments, a port in use
+or a startup failure print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from lmcache_core.errors import LMCacheError
+
+API_TOKEN_ENV = "LMCACHE_CONTROLLER_API_TOKEN"
+PROG = "lmcache_controller"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line with exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number between 0 and 65535, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="localhost", help="address the HTTP API (and --monitor-port) listen on")
+    parser.add_argument("--port", type=_port, default=9000, help="HTTP API port (0: any free port)")
+    parser.add_argument("--monitor-port", type=_port, help="start an embedded message server on this port")
+    parser.add_argument("--nats-url", help="use this existing NATS server or cluster instead of --monitor-port")
+    parser.add_argument("--config", help="settings YAML file (default: $LMCACHE_CONFIG_FILE)")
+    parser.add_argument("--api-token", help=f"require this bearer token on every endpoint (default: ${API_TOKEN_ENV})")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="log level on stderr",
+    )
+    parser.add_argument("--startup-timeout", type=float, default=30.0, help="seconds allowed for startup")
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from lmcache_core.config import load_settings
+    from lmcache_core.controller.server import running_controller
+    from lmcache_core.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    overrides = {}
+    token = args.api_token or os.environ.get(API_TOKEN_ENV)
+    if token:
+        overrides["controller_api_token"] = token
+    settings = load_settings(pm, config_file=args.config, **overrides)
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with running_controller(
+            settings,
+            host=args.host,
+            port=args.port,
+            nats_url=args.nats_url,
+            monitor_port=args.monitor_port,
+            pm=pm,
+            startup_timeout=args.startup_timeout,
+        ) as handle:
+            print(
+                json.dumps({"ready": True, "http": handle.url, "bus": handle.bus_url, "pid": os.getpid()}),
+                flush=True,
+            )
+            async with anyio.create_task_group() as tg:
+
+                async def stop_on_signal() -> None:
+                    async for signum in signals:
+                        logging.getLogger(__name__).info("%s received; stopping", signal.Signals(signum).name)
+                        break
+                    tg.cancel_scope.cancel()
+
+                async def stop_when_served() -> None:
+                    await handle.served.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stop_on_signal)
+                tg.start_soon(stop_when_served)
+    return 0
+
+
+def _event_loop_options() -> dict[str, object]:
+    try:
+        import uvloop  # noqa: F401  # a faster loop for the HTTP and bus hot paths
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def _first_lmcache_error(exc: BaseException) -> LMCacheError | None:
+    if isinstance(exc, LMCacheError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _first_lmcache_error(inner)
+        if found is not None:
+            return found
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.monitor_port is None and args.nats_url is None:
+        print(f"{PROG}: error: give --monitor-port (embedded NATS server) or --nats-url (existing one)", file=sys.stderr)
+        return 2
+    if args.monitor_port is not None and args.nats_url is not None:
+        print(f"{PROG}: error: give either --monitor-port or --nats-url, not both", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return anyio.run(_serve, args, backend_options=_event_loop_options())
+    except LMCacheError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:  # raised from inside the task group
+        found = _first_lmcache_error(group)
+        if found is None:
+            raise
+        print(f"{PROG}: error: {found}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

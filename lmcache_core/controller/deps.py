@@ -1,0 +1,22 @@
+"""FastAPI dependencies: how route handlers (built-in or a plugin's) reach the running controller."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+if TYPE_CHECKING:
+    from lmcache_core.controller.state import Controller
+
+
+def get_controller(request: Request) -> "Controller":
+    """The controller serving this request (use as ``Depends(get_controller)``).
+
+    Example::
+
+        @router.get("/workers/count")
+        def count(controller: Controller = Depends(get_controller)) -> int:
+            return len(controller.workers)
+    """
+    return request.app.state.controller

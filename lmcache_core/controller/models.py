@@ -1,0 +1,115 @@
+"""Request and response bodies of the controller's HTTP API (they feed its OpenAPI schema).
+
+Field names follow LMCache's controller API (``/lookup``, ``/clear``, ``/check_finish``,
+``/health``, ``/query_worker_info``) so existing operator scripts keep working; wire models
+from ``lmcache_core.wire`` appear where they cross the API (``HashingParams``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmcache_core.wire import HashingParams
+
+#: token ids travel as signed 64-bit integers (see lmcache_core.keys)
+TokenId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class ApiModel(BaseModel):
+    """Base of request bodies: unknown fields are errors, so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LookupRequest(ApiModel):
+    tokens: list[TokenId] = Field(description="Token ids of the prompt.")
+    model: str | None = Field(None, description="Only credit instances serving this model.")
+    instance_id: str | None = Field(None, description="Only credit this instance.")
+
+
+class LookupResponse(BaseModel):
+    event_id: str
+    layout_info: dict[str, tuple[str, int]] = Field(
+        description="Per instance holding a prefix: [location holding most of it, matched tokens]."
+    )
+
+
+class ClearRequest(ApiModel):
+    instance_id: str = Field(min_length=1)
+    location: str = Field(min_length=1, description="e.g. 'LocalCPUBackend'.")
+
+
+class ClearResponse(BaseModel):
+    event_id: str
+    num_tokens: int = Field(description="Tokens removed, summed over the instance's ranks.")
+    num_tokens_per_worker: dict[int, int] | None = Field(
+        None, description="Tokens removed per rank; present only when the ranks differ."
+    )
+
+
+class CheckFinishRequest(ApiModel):
+    event_id: str
+
+
+class CheckFinishResponse(BaseModel):
+    event_id: str
+    status: Literal["finished", "running", "failed"]
+    kind: str = Field(description="Which request started the event: lookup, clear or health.")
+    detail: str | None = None
+
+
+class HealthRequest(ApiModel):
+    instance_id: str = Field(min_length=1)
+
+
+class HealthResponse(BaseModel):
+    event_id: str
+    error_codes: dict[int, int] = Field(description="Per rank: 0 when it answered a ping.")
+    errors: dict[int, str] = Field(default_factory=dict, description="Per failing rank: why.")
+
+
+class LocationInfo(BaseModel):
+    chunks: int
+    tokens: int
+
+
+class WorkerInfo(BaseModel):
+    instance_id: str
+    worker_id: int
+    world_size: int
+    epoch: str
+    model_name: str
+    kv_dtype: str
+    hashing: HashingParams
+    host: str
+    pid: int
+    locations: dict[str, LocationInfo] = Field(description="Per location, fastest first.")
+    registration_time: float = Field(description="Unix time of the latest registration.")
+    last_heartbeat_time: float = Field(description="Unix time of the latest heartbeat (0: none).")
+    seconds_since_heartbeat: float | None = None
+
+
+class QueryWorkerInfoRequest(ApiModel):
+    instance_id: str = Field(min_length=1)
+    worker_ids: list[int] | None = Field(None, description="Ranks to report; None: every rank.")
+
+
+class QueryWorkerInfoResponse(BaseModel):
+    event_id: str
+    worker_infos: list[WorkerInfo]
+
+
+class InstanceInfo(BaseModel):
+    instance_id: str
+    model_name: str
+    world_size: int
+    locations: list[str]
+    chunks: int
+    tokens: int
+    workers: list[WorkerInfo]
+
+
+class InstancesResponse(BaseModel):
+    instances: list[InstanceInfo]

@@ -1,0 +1,166 @@
+"""Running a controller: the transport (optionally its embedded server), the bus subscriptions,
+housekeeping and the HTTP server, all owned by one anyio task group.
+
+``running_controller(...)`` is an async context manager yielding a ``ControllerHandle`` once
+everything accepts work; leaving it stops everything it started, in reverse order (HTTP server,
+subscriptions and background tasks, bus connection, embedded message server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import anyio
+import pluggy
+import uvicorn
+
+from lmcache_core.config import LMCacheSettings
+from lmcache_core.controller.app import create_app
+from lmcache_core.controller.state import Controller
+from lmcache_core.errors import ConfigError, LMCacheError
+from lmcache_core.plugins import get_plugin_manager, resolve_transport
+
+log = logging.getLogger(__name__)
+
+#: seconds the HTTP server gets to finish in-flight requests on shutdown
+SHUTDOWN_GRACE = 5.0
+
+
+@dataclass
+class ControllerHandle:
+    """A running controller: its state, where its HTTP API listens and its bus URL."""
+
+    controller: Controller
+    host: str
+    port: int
+    bus_url: str | None
+    server: uvicorn.Server
+    #: set when the HTTP server has exited (asked to, or on its own)
+    served: anyio.Event
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the controller's owner handles signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; ``ConfigError`` in one line when that is impossible."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: unknown host ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        why = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _http_protocol() -> str:
+    try:
+        import httptools  # noqa: F401  # the C parser is several times faster than h11
+    except ImportError:
+        return "h11"
+    return "httptools"
+
+
+@contextlib.asynccontextmanager
+async def running_controller(
+    settings: LMCacheSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    nats_url: str | None = None,
+    monitor_port: int | None = None,
+    pm: pluggy.PluginManager | None = None,
+    controller_factory: type[Controller] = Controller,
+    startup_timeout: float = 30.0,
+) -> AsyncIterator[ControllerHandle]:
+    """Run a controller for the duration of the block.
+
+    Give ``monitor_port`` to start the transport's embedded server on ``host:monitor_port``, or
+    ``nats_url`` to use an existing server (neither: the settings' ``controller_address``).
+    ``port=0`` picks a free HTTP port (see ``handle.port``).
+    """
+    pm = pm if pm is not None else get_plugin_manager()
+    spec = resolve_transport(pm, settings.transport)
+    if monitor_port is not None and spec.embedded_server is None:
+        raise ConfigError(f"transport '{spec.name}' cannot run an embedded server; use an existing one")
+    sock = listen_socket(host, port)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                with anyio.fail_after(startup_timeout):
+                    url = nats_url or settings.controller_address
+                    if monitor_port is not None:
+                        assert spec.embedded_server is not None
+                        url = await stack.enter_async_context(spec.embedded_server(host, monitor_port))
+                    bus = await spec.connect(settings, url)
+                    stack.push_async_callback(bus.aclose)
+            except TimeoutError:
+                raise LMCacheError(
+                    f"the controller's message bus did not start within {startup_timeout:g} s"
+                ) from None
+            controller = controller_factory(settings, bus)
+            app = create_app(controller, pm)
+            config = uvicorn.Config(
+                app,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                http=_http_protocol(),
+                timeout_graceful_shutdown=SHUTDOWN_GRACE,
+                backlog=2048,
+            )
+            server = _EmbeddedUvicorn(config)
+            served = anyio.Event()
+
+            async def serve() -> None:
+                try:
+                    await server.serve(sockets=[sock])
+                finally:
+                    served.set()
+
+            async with anyio.create_task_group() as tg:
+                await controller.start(tg)
+                tg.start_soon(serve)
+                with anyio.move_on_after(startup_timeout) as waiting:
+                    while not server.started and not served.is_set():
+                        await anyio.sleep(0.005)
+                if waiting.cancelled_caught or served.is_set():
+                    tg.cancel_scope.cancel()
+                    raise LMCacheError(f"the controller's HTTP server did not start within {startup_timeout:g} s")
+                bound = sock.getsockname()
+                handle = ControllerHandle(controller, host, int(bound[1]), url, server, served)
+                try:
+                    yield handle
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        server.should_exit = True
+                        with anyio.move_on_after(SHUTDOWN_GRACE + 1.0):
+                            await served.wait()
+                        await controller.stop()
+                    tg.cancel_scope.cancel()
+    finally:
+        sock.close()

@@ -1,0 +1,694 @@
+"""The controller's state: registered workers, the KV index they feed, and the commands it sends.
+
+Everything here runs on one event loop; handlers never hold a lock across an ``await``.
+Workers speak the protocol of ``lmcache_core.wire``:
+
+* ``register`` (request): a worker's identity, hashing and locations; a new ``epoch`` (the worker
+  restarted) empties what the index held for it. The ack asks for a resync, which arrives as
+  event batches whose first has ``reset=True``.
+* ``events.<inst>.<w>``: ordered ``EventBatch``es per location. A batch whose ``seq`` is not the
+  next one is a gap: the controller asks that worker for a resync and ignores its batches at
+  that location until the reset arrives. Batches at or below what a clear covered are ignored.
+* ``heartbeat.<inst>.<w>``: liveness plus ``last_seq`` per location. A sequence number a
+  heartbeat announced that is still not applied by the next heartbeat means batches were lost
+  (a broker restart, a full buffer): resync. A worker silent for
+  ``controller_heartbeat_timeout`` seconds leaves the index (``remove_holder``).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+from anyio.abc import TaskGroup
+from pydantic import ValidationError
+
+from lmcache_core.config import LMCacheSettings
+from lmcache_core.controller.errors import (
+    BadWorkerReplyError,
+    TooManyTokensError,
+    UnknownInstanceError,
+    UnknownWorkerError,
+    WorkerUnavailableError,
+)
+from lmcache_core.controller.index import KVIndex
+from lmcache_core.controller.metrics import ControllerMetrics
+from lmcache_core.controller.models import (
+    CheckFinishResponse,
+    ClearResponse,
+    HealthResponse,
+    InstanceInfo,
+    LocationInfo,
+    WorkerInfo,
+)
+from lmcache_core.errors import LMCacheError, NoResponders, RequestTimeout, TransportError, UnknownLocationError
+from lmcache_core.keys import HASH_SCHEME, TokenHasher, as_token_array
+from lmcache_core.transport import Message, MessageBus, Subscription
+from lmcache_core.wire import (
+    EVENTS_WILDCARD,
+    HEARTBEAT_WILDCARD,
+    HELLO_TOPIC,
+    PROTOCOL_VERSION,
+    REGISTER_TOPIC,
+    ClearCommand,
+    CommandReply,
+    CommandRequest,
+    EventBatch,
+    HashingParams,
+    Heartbeat,
+    PingCommand,
+    RegistrationAck,
+    ResyncCommand,
+    WireModel,
+    WorkerRegistration,
+    command_topic,
+)
+
+log = logging.getLogger(__name__)
+
+#: scheme ids the controller can reproduce (see lmcache_core.keys)
+SUPPORTED_SCHEMES = frozenset({HASH_SCHEME})
+#: finished events remembered for /check_finish (oldest forgotten first)
+EVENT_HISTORY = 65_536
+#: fewest seconds between two hellos the controller sends for unknown workers' heartbeats
+HELLO_MIN_INTERVAL = 1.0
+
+HashingKey = tuple[str, int, str]  # scheme, chunk_size, namespace
+
+
+@dataclass
+class LocationState:
+    """What the controller knows about one worker's one location."""
+
+    name: str
+    holder: int
+    applied_seq: int = 0
+    #: the last_seq of the previous heartbeat: batches up to it should have arrived by now
+    claimed_seq: int = 0
+    #: a resync was asked for (or a registration promised one): only a reset batch applies
+    awaiting_reset: bool = True
+    resync_in_flight: bool = False
+
+
+@dataclass
+class WorkerState:
+    """One registered worker (one rank of one instance)."""
+
+    registration: WorkerRegistration
+    hashing: HashingKey
+    locations: dict[str, LocationState]
+    registered_at: float
+    last_seen: float  # monotonic
+    last_heartbeat_time: float = 0.0  # unix
+
+    @property
+    def instance_id(self) -> str:
+        return self.registration.instance_id
+
+    @property
+    def worker_id(self) -> int:
+        return self.registration.worker_id
+
+    @property
+    def epoch(self) -> str:
+        return self.registration.epoch
+
+    @property
+    def name(self) -> str:
+        return f"{self.instance_id}/{self.worker_id}"
+
+
+@dataclass
+class EventRecord:
+    kind: str
+    status: str = "running"
+    detail: str | None = None
+
+
+class EventLog:
+    """Ids handed out by the API and their status, for ``/check_finish`` (bounded)."""
+
+    def __init__(self, capacity: int = EVENT_HISTORY) -> None:
+        self._events: OrderedDict[str, EventRecord] = OrderedDict()
+        self._capacity = capacity
+
+    def start(self, kind: str, status: str = "running") -> str:
+        event_id = f"{kind}-{secrets.token_hex(8)}"
+        self._events[event_id] = EventRecord(kind, status)
+        if len(self._events) > self._capacity:
+            self._events.popitem(last=False)
+        return event_id
+
+    def finish(self, event_id: str, ok: bool = True, detail: str | None = None) -> None:
+        record = self._events.get(event_id)
+        if record is not None:
+            record.status = "finished" if ok else "failed"
+            record.detail = detail
+
+    def get(self, event_id: str) -> EventRecord | None:
+        return self._events.get(event_id)
+
+
+@dataclass
+class _Group:
+    """Workers that hash tokens the same way; a lookup hashes once per group."""
+
+    hasher: TokenHasher
+    workers: set[tuple[str, int]] = field(default_factory=set)
+
+
+class Controller:
+    """Registry of workers and their KV index, plus the operations the HTTP API exposes."""
+
+    def __init__(
+        self,
+        settings: LMCacheSettings,
+        bus: MessageBus,
+        index: KVIndex | None = None,
+        metrics: ControllerMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.index = index if index is not None else KVIndex()
+        self.metrics = metrics if metrics is not None else ControllerMetrics()
+        self.metrics.watch(self._metrics_snapshot)
+        self.events = EventLog()
+        self.workers: dict[tuple[str, int], WorkerState] = {}
+        self.instances: dict[str, dict[int, WorkerState]] = {}
+        #: holder id -> (worker, location state), for turning index answers into instances
+        self._holders: dict[int, tuple[WorkerState, LocationState]] = {}
+        self._groups: dict[HashingKey, _Group] = {}
+        self._subscriptions: list[Subscription] = []
+        self._tg: TaskGroup | None = None
+        self._last_hello = 0.0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def start(self, tg: TaskGroup) -> None:
+        """Subscribe to the workers' topics, start housekeeping in ``tg``, and say hello."""
+        self._tg = tg
+        bus = self.bus
+        self._subscriptions = [
+            await bus.subscribe(REGISTER_TOPIC, self._on_register),
+            await bus.subscribe(EVENTS_WILDCARD, self._on_events),
+            await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat),
+        ]
+        bus.on_reconnect(self._say_hello)  # batches may have been lost while we were away
+        await bus.flush()
+        await self._say_hello()
+        tg.start_soon(self._housekeeping)
+
+    async def stop(self) -> None:
+        """Unsubscribe (the task group that ``start`` used is cancelled by its owner)."""
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for sub in reversed(subscriptions):
+            try:
+                await sub.unsubscribe()
+            except TransportError as exc:
+                log.debug("unsubscribing failed: %s", exc)
+
+    async def _say_hello(self) -> None:
+        """Ask every worker to register again and resync (a restarted controller recovers)."""
+        self._last_hello = time.monotonic()
+        try:
+            await self.bus.publish(HELLO_TOPIC, WireModel().encode())
+        except TransportError as exc:
+            log.warning("cannot publish controller.hello: %s", exc)
+
+    async def _housekeeping(self) -> None:
+        """Drop workers whose heartbeats stopped."""
+        timeout = self.settings.controller_heartbeat_timeout
+        period = min(max(timeout / 10, 0.02), 0.5)
+        while True:
+            await anyio.sleep(period)
+            self.expire_workers(time.monotonic() - timeout)
+
+    def expire_workers(self, deadline: float) -> list[str]:
+        """Remove every worker last seen before ``deadline`` (monotonic); returns their names."""
+        dead = [w for w in self.workers.values() if w.last_seen < deadline]
+        for worker in dead:
+            started = time.perf_counter()
+            self._forget_worker(worker)
+            self.metrics.worker_removal_seconds.observe(time.perf_counter() - started)
+            self.metrics.workers_expired.inc()
+            log.warning("worker %s missed its heartbeats; removed from the index", worker.name)
+        return [w.name for w in dead]
+
+    def _forget_worker(self, worker: WorkerState) -> None:
+        for loc in worker.locations.values():
+            self.index.remove_holder(loc.holder)
+            self._holders.pop(loc.holder, None)
+        key = (worker.instance_id, worker.worker_id)
+        self.workers.pop(key, None)
+        ranks = self.instances.get(worker.instance_id)
+        if ranks is not None:
+            ranks.pop(worker.worker_id, None)
+            if not ranks:
+                del self.instances[worker.instance_id]
+        group = self._groups.get(worker.hashing)
+        if group is not None:
+            group.workers.discard(key)
+            if not group.workers:
+                del self._groups[worker.hashing]
+
+    # --- bus handlers ------------------------------------------------------------------------
+    async def _on_register(self, msg: Message) -> None:
+        try:
+            reg = WorkerRegistration.decode(msg.payload)
+        except ValidationError as exc:
+            await self._respond(msg, RegistrationAck(accepted=False, detail=f"bad registration: {exc}", resync=False))
+            return
+        ack = self.register(reg)
+        await self._respond(msg, ack)
+
+    async def _respond(self, msg: Message, model: WireModel) -> None:
+        try:
+            await msg.respond(model.encode())
+        except TransportError as exc:
+            log.warning("cannot answer on %s: %s", msg.topic, exc)
+
+    def register(self, reg: WorkerRegistration) -> RegistrationAck:
+        """Record a worker (a new epoch empties what it held); the ack asks for its inventory."""
+        if reg.version != PROTOCOL_VERSION:
+            return RegistrationAck(
+                accepted=False,
+                resync=False,
+                detail=f"protocol version {reg.version} is not supported; this controller speaks {PROTOCOL_VERSION}",
+            )
+        if reg.hashing.scheme not in SUPPORTED_SCHEMES:
+            return RegistrationAck(
+                accepted=False,
+                resync=False,
+                detail=f"hash scheme '{reg.hashing.scheme}' is not supported; known: {', '.join(sorted(SUPPORTED_SCHEMES))}",
+            )
+        key = (reg.instance_id, reg.worker_id)
+        hashing: HashingKey = (reg.hashing.scheme, reg.hashing.chunk_size, reg.hashing.namespace)
+        old = self.workers.get(key)
+        now = time.monotonic()
+        if old is not None and old.epoch == reg.epoch and old.hashing == hashing:
+            # the same run registering again (hello, reconnect): keep what is applied, but it
+            # will resync, so wait for the reset
+            kept = {name: old.locations[name] for name in reg.locations if name in old.locations}
+            for name, loc in old.locations.items():
+                if name not in kept:
+                    self.index.remove_holder(loc.holder)
+                    self._holders.pop(loc.holder, None)
+            for loc in kept.values():
+                loc.awaiting_reset = True
+            locations = {name: kept.get(name) or self._new_location(reg, name) for name in reg.locations}
+        else:
+            if old is not None:
+                self._forget_worker(old)
+            locations = {name: self._new_location(reg, name) for name in reg.locations}
+        worker = WorkerState(
+            registration=reg,
+            hashing=hashing,
+            locations=locations,
+            registered_at=time.time(),
+            last_seen=now,
+            last_heartbeat_time=old.last_heartbeat_time if old is not None else 0.0,
+        )
+        self.workers[key] = worker
+        self.instances.setdefault(reg.instance_id, {})[reg.worker_id] = worker
+        for loc in locations.values():
+            self._holders[loc.holder] = (worker, loc)
+        group = self._groups.get(hashing)
+        if group is None:
+            group = self._groups[hashing] = _Group(TokenHasher(reg.hashing.chunk_size, reg.hashing.namespace))
+        group.workers.add(key)
+        self.metrics.registrations.inc()
+        log.info("worker %s registered (epoch %s, locations %s)", worker.name, reg.epoch, list(locations))
+        return RegistrationAck(accepted=True, resync=True)
+
+    def _new_location(self, reg: WorkerRegistration, name: str) -> LocationState:
+        holder = self.index.holder_id(reg.instance_id, reg.worker_id, name)
+        self.index.clear_holder(holder)  # a previous run's leftovers must not be credited
+        return LocationState(name=name, holder=holder)
+
+    async def _on_events(self, msg: Message) -> None:
+        try:
+            batch = EventBatch.decode(msg.payload)
+            arrays = batch.arrays()
+        except (ValidationError, ValueError) as exc:
+            self.metrics.batches_ignored.labels("malformed").inc()
+            log.warning("ignoring a malformed event batch on %s: %s", msg.topic, exc)
+            return
+        self.apply_batch(batch, arrays)
+
+    def apply_batch(
+        self, batch: EventBatch, arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    ) -> bool:
+        """Apply one batch if it is the next in its sequence; returns whether it was applied."""
+        worker = self.workers.get((batch.instance_id, batch.worker_id))
+        if worker is None or worker.epoch != batch.epoch:
+            self.metrics.batches_ignored.labels("unknown_worker").inc()
+            return False
+        loc = worker.locations.get(batch.location)
+        if loc is None:
+            self.metrics.batches_ignored.labels("unknown_location").inc()
+            return False
+        if batch.seq <= loc.applied_seq:
+            self.metrics.batches_ignored.labels("stale").inc()
+            return False
+        if not batch.reset:
+            if loc.awaiting_reset:
+                self.metrics.batches_ignored.labels("awaiting_resync").inc()
+                return False
+            if batch.seq != loc.applied_seq + 1:
+                self.metrics.seq_gaps.inc()
+                self.metrics.batches_ignored.labels("gap").inc()
+                log.info(
+                    "sequence gap from %s at %s: expected %d, got %d; resyncing",
+                    worker.name, loc.name, loc.applied_seq + 1, batch.seq,
+                )
+                self._request_resync(worker, loc)
+                return False
+        kinds, hashes, tokens = arrays if arrays is not None else batch.arrays()
+        if batch.reset:
+            self.index.clear_holder(loc.holder)
+            loc.awaiting_reset = False
+        if len(kinds):
+            self.index.apply(loc.holder, kinds, hashes, tokens)
+        loc.applied_seq = batch.seq
+        self.metrics.events_applied.inc(len(kinds))
+        return True
+
+    async def _on_heartbeat(self, msg: Message) -> None:
+        try:
+            beat = Heartbeat.decode(msg.payload)
+        except ValidationError as exc:
+            log.warning("ignoring a malformed heartbeat on %s: %s", msg.topic, exc)
+            return
+        await self.heartbeat(beat)
+
+    async def heartbeat(self, beat: Heartbeat) -> None:
+        """Note a worker is alive; resync locations whose announced batches never arrived."""
+        worker = self.workers.get((beat.instance_id, beat.worker_id))
+        if worker is None or worker.epoch != beat.epoch:
+            # a worker we do not know (we restarted, or dropped it while it was unreachable)
+            if time.monotonic() - self._last_hello >= HELLO_MIN_INTERVAL:
+                await self._say_hello()
+            return
+        worker.last_seen = time.monotonic()
+        worker.last_heartbeat_time = time.time()
+        for name, loc in worker.locations.items():
+            announced = beat.last_seq.get(name, 0)
+            if loc.claimed_seq > loc.applied_seq and not loc.resync_in_flight:
+                log.info(
+                    "%s at %s announced seq %d but only %d arrived; resyncing",
+                    worker.name, name, loc.claimed_seq, loc.applied_seq,
+                )
+                self._request_resync(worker, loc)
+            loc.claimed_seq = announced
+
+    def _request_resync(self, worker: WorkerState, loc: LocationState) -> None:
+        loc.awaiting_reset = True
+        if loc.resync_in_flight or self._tg is None:
+            return
+        loc.resync_in_flight = True
+        self._tg.start_soon(self._resync, worker, loc)
+
+    async def _resync(self, worker: WorkerState, loc: LocationState) -> None:
+        self.metrics.resyncs.inc()
+        try:
+            await self._command(worker, ResyncCommand(locations=[loc.name]), self.events.start("resync"))
+        except LMCacheError as exc:
+            log.warning("resync of %s at %s failed: %s", worker.name, loc.name, exc)
+        finally:
+            loc.resync_in_flight = False
+
+    # --- commands ----------------------------------------------------------------------------
+    async def _command(self, worker: WorkerState, command: Any, event_id: str) -> CommandReply:
+        """Send one command to one worker and read its reply."""
+        payload = CommandRequest(event_id=event_id, command=command).encode()
+        topic = command_topic(worker.instance_id, worker.worker_id)
+        timeout = self.settings.controller_command_timeout
+        try:
+            # the outer bound keeps a misbehaving transport from hanging the request
+            with anyio.fail_after(timeout + 1.0):
+                raw = await self.bus.request(topic, payload, timeout)
+        except (RequestTimeout, TimeoutError) as exc:
+            raise WorkerUnavailableError(
+                f"worker {worker.name} did not answer within {timeout:g} s"
+            ) from exc
+        except NoResponders as exc:
+            raise WorkerUnavailableError(
+                f"worker {worker.name} is not listening (no responders on its command topic)"
+            ) from exc
+        except TransportError as exc:
+            raise WorkerUnavailableError(f"cannot reach worker {worker.name}: {exc}") from exc
+        try:
+            return CommandReply.decode(raw)
+        except ValidationError as exc:
+            raise BadWorkerReplyError(f"worker {worker.name} sent an unreadable reply: {exc}") from exc
+
+    async def _fan_out(
+        self, ranks: list[WorkerState], command: Any, event_id: str
+    ) -> tuple[dict[int, CommandReply], dict[int, LMCacheError]]:
+        """Send ``command`` to every rank concurrently; replies and errors per rank."""
+        replies: dict[int, CommandReply] = {}
+        errors: dict[int, LMCacheError] = {}
+
+        async def one(worker: WorkerState) -> None:
+            try:
+                replies[worker.worker_id] = await self._command(worker, command, event_id)
+            except LMCacheError as exc:
+                errors[worker.worker_id] = exc
+
+        async with anyio.create_task_group() as tg:
+            for worker in ranks:
+                tg.start_soon(one, worker)
+        return replies, errors
+
+    def _ranks(self, instance_id: str) -> list[WorkerState]:
+        ranks = self.instances.get(instance_id)
+        if not ranks:
+            raise UnknownInstanceError(instance_id, self.instances)
+        return [ranks[r] for r in sorted(ranks)]
+
+    def instance_locations(self, instance_id: str) -> list[str]:
+        """Location names of an instance, fastest first (every rank's, in registration order)."""
+        names: dict[str, None] = {}
+        for worker in self._ranks(instance_id):
+            for name in worker.locations:
+                names.setdefault(name, None)
+        return list(names)
+
+    async def clear(self, instance_id: str, location: str) -> ClearResponse:
+        """Empty ``location`` on every rank of an instance; the index forgets it before returning."""
+        ranks = self._ranks(instance_id)
+        available = self.instance_locations(instance_id)
+        if location not in available:
+            raise UnknownLocationError(location, available)
+        event_id = self.events.start("clear")
+        try:
+            replies, errors = await self._fan_out(ranks, ClearCommand(location=location), event_id)
+            if errors:
+                raise WorkerUnavailableError(
+                    f"clear of '{location}' on instance '{instance_id}' failed: "
+                    + "; ".join(str(errors[r]) for r in sorted(errors))
+                )
+            for rank, reply in sorted(replies.items()):
+                if not reply.ok:
+                    if reply.error_kind == "unknown_location":
+                        raise UnknownLocationError(location, reply.available_locations or [])
+                    raise BadWorkerReplyError(
+                        f"worker {instance_id}/{rank} could not clear '{location}': {reply.error}"
+                    )
+            per_rank: dict[int, int] = {}
+            for rank, reply in replies.items():
+                per_rank[rank] = int(reply.num_tokens or 0)
+                self._apply_clear(ranks[[w.worker_id for w in ranks].index(rank)], location, reply)
+        except LMCacheError as exc:
+            self.events.finish(event_id, ok=False, detail=str(exc))
+            raise
+        self.events.finish(event_id)
+        differ = len(set(per_rank.values())) > 1
+        return ClearResponse(
+            event_id=event_id,
+            num_tokens=sum(per_rank.values()),
+            num_tokens_per_worker=dict(sorted(per_rank.items())) if differ else None,
+        )
+
+    def _apply_clear(self, worker: WorkerState, location: str, reply: CommandReply) -> None:
+        """Forget what a clear removed, unless the batch holding the clear is applied already."""
+        current = self.workers.get((worker.instance_id, worker.worker_id))
+        if current is not worker or (reply.epoch and reply.epoch != worker.epoch):
+            return  # the worker restarted meanwhile; its registration reset everything
+        loc = worker.locations.get(location)
+        if loc is None:
+            return
+        last = (reply.last_seq or {}).get(location)
+        if last is not None and loc.applied_seq >= last:
+            return  # the clear event already came through the event stream
+        self.index.clear_holder(loc.holder)
+        if last is not None:
+            # batches before the one holding the clear are covered by it
+            loc.applied_seq = max(loc.applied_seq, last - 1)
+
+    async def health(self, instance_id: str) -> HealthResponse:
+        """Ping every rank of an instance."""
+        ranks = self._ranks(instance_id)
+        event_id = self.events.start("health")
+        replies, errors = await self._fan_out(ranks, PingCommand(), event_id)
+        codes = {w.worker_id: 0 for w in ranks}
+        messages: dict[int, str] = {}
+        for rank, exc in errors.items():
+            codes[rank] = 1
+            messages[rank] = str(exc)
+        for rank, reply in replies.items():
+            if not reply.ok:
+                codes[rank] = 1
+                messages[rank] = reply.error or "worker reported an error"
+        self.events.finish(event_id, ok=not messages, detail="; ".join(messages.values()) or None)
+        return HealthResponse(event_id=event_id, error_codes=dict(sorted(codes.items())), errors=messages)
+
+    def check_finish(self, event_id: str) -> CheckFinishResponse | None:
+        record = self.events.get(event_id)
+        if record is None:
+            return None
+        return CheckFinishResponse(
+            event_id=event_id, status=record.status, kind=record.kind, detail=record.detail  # type: ignore[arg-type]
+        )
+
+    # --- lookup ------------------------------------------------------------------------------
+    def lookup(
+        self, tokens: Any, model: str | None = None, instance_id: str | None = None
+    ) -> dict[str, tuple[str, int]]:
+        """Per instance holding a prefix of ``tokens``: (location holding most of it, tokens)."""
+        n_tokens = len(tokens)
+        limit = self.settings.controller_max_lookup_tokens
+        if n_tokens > limit:
+            raise TooManyTokensError(
+                f"{n_tokens} tokens is more than controller_max_lookup_tokens ({limit})"
+            )
+        if n_tokens == 0 or not self._groups:
+            return {}
+        arr = as_token_array(tokens)
+        # per (instance, rank): tokens of its longest prefix, and chunks per location within it
+        rank_tokens: dict[str, dict[int, int]] = {}
+        rank_parts: list[tuple[WorkerState, np.ndarray, int]] = []  # worker, masks [loc, chunk], chunk size
+        for group in self._groups.values():
+            hashes = np.array(group.hasher.hashes(arr), dtype=np.uint64)
+            found = self.index.lookup(hashes)
+            if not found:
+                continue
+            per_worker: dict[tuple[str, int], list[tuple[LocationState, np.ndarray]]] = {}
+            for holder, mask in found.items():
+                entry = self._holders.get(holder)
+                if entry is None:
+                    continue
+                worker, loc = entry
+                if instance_id is not None and worker.instance_id != instance_id:
+                    continue
+                if model is not None and worker.registration.model_name != model:
+                    continue
+                per_worker.setdefault((worker.instance_id, worker.worker_id), []).append((loc, mask))
+            cs = group.hasher.chunk_size
+            for (inst, rank), parts in per_worker.items():
+                worker = self.workers[(inst, rank)]
+                order = list(worker.locations)
+                masks = np.zeros((len(order), len(hashes)), dtype=bool)
+                for loc, mask in parts:
+                    masks[order.index(loc.name)] = mask
+                union = masks.any(axis=0)
+                n_chunks = len(union) if union.all() else int(np.argmin(union))
+                if n_chunks == 0:
+                    continue
+                rank_tokens.setdefault(inst, {})[rank] = min(n_chunks * cs, n_tokens)
+                rank_parts.append((worker, masks, cs))
+        layout: dict[str, tuple[str, int]] = {}
+        credited: dict[str, int] = {}
+        for inst, per_rank in rank_tokens.items():
+            world = self.instances[inst]
+            world_size = next(iter(world.values())).registration.world_size
+            if len(per_rank) < world_size:
+                continue  # a rank without the prefix: the instance cannot serve it
+            credited[inst] = min(per_rank.values())
+        if not credited:
+            return layout
+        held: dict[str, dict[str, int]] = {}
+        for worker, masks, cs in rank_parts:
+            matched = credited.get(worker.instance_id)
+            if matched is None:
+                continue
+            upto = -(-matched // cs)
+            counts = masks[:, :upto].sum(axis=1)
+            per_loc = held.setdefault(worker.instance_id, {})
+            for name, count in zip(worker.locations, counts.tolist()):
+                per_loc[name] = per_loc.get(name, 0) + count
+        for inst, matched in credited.items():
+            per_loc = held[inst]
+            # max() keeps the first of equal counts: locations are in registration order, fastest first
+            best = max(per_loc, key=per_loc.__getitem__)
+            layout[inst] = (best, matched)
+        return layout
+
+    # --- introspection -----------------------------------------------------------------------
+    def worker_info(self, worker: WorkerState) -> WorkerInfo:
+        locations = {}
+        for name, loc in worker.locations.items():
+            chunks, tokens = self.index.holder_stats(loc.holder)
+            locations[name] = LocationInfo(chunks=chunks, tokens=tokens)
+        reg = worker.registration
+        return WorkerInfo(
+            instance_id=reg.instance_id,
+            worker_id=reg.worker_id,
+            world_size=reg.world_size,
+            epoch=reg.epoch,
+            model_name=reg.model_name,
+            kv_dtype=reg.kv_dtype,
+            hashing=HashingParams(
+                scheme=worker.hashing[0], chunk_size=worker.hashing[1], namespace=worker.hashing[2]
+            ),
+            host=reg.host,
+            pid=reg.pid,
+            locations=locations,
+            registration_time=worker.registered_at,
+            last_heartbeat_time=worker.last_heartbeat_time,
+            seconds_since_heartbeat=round(time.monotonic() - worker.last_seen, 3),
+        )
+
+    def worker_infos(self, instance_id: str, worker_ids: list[int] | None = None) -> list[WorkerInfo]:
+        ranks = {w.worker_id: w for w in self._ranks(instance_id)}
+        wanted = sorted(ranks) if worker_ids is None else list(dict.fromkeys(worker_ids))
+        missing = [r for r in wanted if r not in ranks]
+        if missing:
+            raise UnknownWorkerError(instance_id, missing, ranks)
+        return [self.worker_info(ranks[r]) for r in wanted]
+
+    def instance_infos(self) -> list[InstanceInfo]:
+        out = []
+        for inst in sorted(self.instances):
+            workers = [self.worker_info(w) for w in self._ranks(inst)]
+            first = workers[0]
+            out.append(
+                InstanceInfo(
+                    instance_id=inst,
+                    model_name=first.model_name,
+                    world_size=first.world_size,
+                    locations=self.instance_locations(inst),
+                    chunks=sum(l.chunks for w in workers for l in w.locations.values()),
+                    tokens=sum(l.tokens for w in workers for l in w.locations.values()),
+                    workers=workers,
+                )
+            )
+        return out
+
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        locations: dict[str, tuple[int, int]] = {}
+        for worker, loc in self._holders.values():
+            chunks, tokens = self.index.holder_stats(loc.holder)
+            old = locations.get(loc.name, (0, 0))
+            locations[loc.name] = (old[0] + chunks, old[1] + tokens)
+        return {
+            "workers": len(self.workers),
+            "instances": len(self.instances),
+            "locations": locations,
+            "entries": self.index.num_entries(),
+        }

@@ -1,0 +1,251 @@
+"""Helpers of the controller's system tests: a controller on its own event-loop thread, instance
+processes, in-process engines with real workers, and polling with a deadline (never a sleep)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import torch
+from anyio.from_thread import start_blocking_portal
+
+from lmcache_core.config import LMCacheSettings, load_settings
+from lmcache_core.controller.server import ControllerHandle, running_controller
+from lmcache_core.controller.state import Controller
+from lmcache_core.engine import CacheEngine, EngineMetadata
+from lmcache_core.plugins import get_plugin_manager
+from lmcache_core.worker import WorkerHandle, start_worker
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT = [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]
+INSTANCE = "lmcache_default_instance"
+WAIT = 20.0  # generous deadline on a shared 2-core machine; tests go on as soon as they can
+HEARTBEAT_INTERVAL = 0.2
+HEARTBEAT_TIMEOUT = 1.0
+
+#: settings every test controller and instance uses: fast heartbeats, short command timeout
+FAST = {
+    "worker_heartbeat_interval": HEARTBEAT_INTERVAL,
+    "controller_heartbeat_timeout": HEARTBEAT_TIMEOUT,
+    "controller_command_timeout": 2.0,
+}
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = WAIT, what: str = "condition", every: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+        time.sleep(every)  # the poll interval of a deadline-bounded poll
+
+
+def controller_settings(**overrides: Any) -> LMCacheSettings:
+    return load_settings(get_plugin_manager(), config_file=None, **{**FAST, **overrides})
+
+
+class ControllerRunner:
+    """A real controller (HTTP on a free loopback port, a real bus) on its own event-loop thread."""
+
+    def __init__(self, nats_url: str, settings: LMCacheSettings | None = None, **kwargs: Any) -> None:
+        self.nats_url = nats_url
+        self.settings = settings if settings is not None else controller_settings()
+        self.kwargs = kwargs
+        self._stack: ExitStack | None = None
+        self.handle: ControllerHandle | None = None
+
+    def start(self) -> "ControllerRunner":
+        stack = ExitStack()
+        try:
+            self.portal = stack.enter_context(start_blocking_portal())
+            self.handle = stack.enter_context(
+                self.portal.wrap_async_context_manager(
+                    running_controller(self.settings, host="127.0.0.1", port=0, nats_url=self.nats_url, **self.kwargs)
+                )
+            )
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        self.client = httpx.Client(base_url=self.url, timeout=30.0)
+        stack.callback(self.client.close)
+        return self
+
+    def stop(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    @property
+    def url(self) -> str:
+        assert self.handle is not None
+        return self.handle.url
+
+    @property
+    def controller(self) -> Controller:
+        assert self.handle is not None
+        return self.handle.controller
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the controller's event loop (its state is not thread-safe)."""
+        return self.portal.call(fn, *args)
+
+    def lookup(self, tokens: list[int], **extra: Any) -> dict[str, list[Any]]:
+        response = self.client.post("/lookup", json={"tokens": tokens, **extra})
+        assert response.status_code == 200, response.text
+        return response.json()["layout_info"]
+
+    def holder_counts(self) -> dict[tuple[str, int, str], int]:
+        """Chunks the index credits per (instance, rank, location), for live workers."""
+
+        def read() -> dict[tuple[str, int, str], int]:
+            out = {}
+            for worker in self.controller.workers.values():
+                for name, loc in worker.locations.items():
+                    out[(worker.instance_id, worker.worker_id, name)] = self.controller.index.holder_stats(loc.holder)[0]
+            return out
+
+        return self.call(read)
+
+    def __enter__(self) -> "ControllerRunner":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def kv(num_tokens: int, seed: int = 0) -> torch.Tensor:
+    """Deterministic KV ``[2 layers, 2, tokens, 8]`` bfloat16."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 2, num_tokens, 8, generator=gen).to(torch.bfloat16)
+
+
+class Instance:
+    """A real cache engine (CPU + disk) with a real worker reporting to the controller's bus."""
+
+    def __init__(
+        self, nats_url: str, instance_id: str, disk: Path, *, chunk_size: int = 4,
+        worker_id: int = 0, world_size: int = 1, model: str = "demo-model",
+    ) -> None:
+        disk.mkdir(parents=True, exist_ok=True)
+        self.settings = load_settings(
+            get_plugin_manager(),
+            config_file=None,
+            **FAST,
+            chunk_size=chunk_size,
+            local_cpu=True,
+            max_local_cpu_size=0.02,
+            local_disk=str(disk),
+            max_local_disk_size=0.05,
+            enable_controller=True,
+            controller_url=nats_url,
+            lmcache_instance_id=instance_id,
+        )
+        self.engine = CacheEngine(
+            self.settings, EngineMetadata(model, world_size=world_size, worker_id=worker_id), start_worker=False
+        )
+        self.worker: WorkerHandle = start_worker(self.engine)
+        self.instance_id = instance_id
+        self.worker_id = worker_id
+
+    def store(self, tokens: list[int], seed: int = 0) -> int:
+        stored = self.engine.store(tokens, kv(len(tokens), seed))
+        self.engine.flush(10.0)
+        return stored
+
+    def sync(self) -> None:
+        assert self.worker.wait_registered(WAIT), f"{self.instance_id} never registered"
+        assert self.worker.sync(WAIT), f"{self.instance_id} could not publish its events"
+
+    def inventory_counts(self) -> dict[tuple[str, int, str], int]:
+        return {
+            (self.instance_id, self.worker_id, loc): len(chunks) for loc, chunks in self.engine.inventory().items()
+        }
+
+    def close(self) -> None:
+        self.worker.close()
+        self.engine.close()
+
+
+class InstanceProcess:
+    """``examples/instance.py`` as a real process; ``ready`` is its JSON ready line."""
+
+    def __init__(self, nats_url: str, tmp: Path, *, instance_id: str = INSTANCE, args: list[str] = (), disk: bool = True,
+                 config_file: Path | None = None, env: dict[str, str] | None = None) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+        full_env.update({f"LMCACHE_{k.upper()}": str(v) for k, v in FAST.items()})
+        full_env.update(
+            LMCACHE_CONTROLLER_URL=nats_url,
+            LMCACHE_LMCACHE_INSTANCE_ID=instance_id,
+            LMCACHE_MAX_LOCAL_CPU_SIZE="0.05",
+        )
+        for name in ("LMCACHE_PLUGINS", "LMCACHE_DISABLE_PLUGINS"):
+            if name in os.environ:
+                full_env[name] = os.environ[name]
+        if config_file is not None:
+            full_env["LMCACHE_CONFIG_FILE"] = str(config_file)
+        if disk:
+            (tmp / "disk").mkdir(parents=True, exist_ok=True)
+            full_env.update(LMCACHE_LOCAL_DISK=str(tmp / "disk"), LMCACHE_MAX_LOCAL_DISK_SIZE="0.1")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "examples" / "instance.py"), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=tmp,
+        )
+        self.ready = read_json_line(self.proc, "ready", "instance.py")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.proc.send_signal(sig)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def read_json_line(proc: subprocess.Popen, key: str, what: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The first stdout line of ``proc`` that is a JSON object with ``key`` (bounded wait)."""
+    found: dict[str, Any] = {}
+    done = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and key in data:
+                found.update(data)
+                break
+        done.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not done.wait(timeout) or not found:
+        proc.kill()
+        err = proc.stderr.read() if proc.stderr is not None else ""
+        raise AssertionError(f"{what} did not print its {key!r} line (exit {proc.poll()}): {err[-3000:]}")
+    return found
