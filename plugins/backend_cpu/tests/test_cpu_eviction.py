@@ -224,3 +224,18 @@ def test_random_workload_never_exceeds_capacity_or_corrupts_a_chunk(make_backend
     backend.clear()
     assert backend.stats()["used_bytes"] == 0
     assert backend.stats()["largest_free_bytes"] == capacity
+
+
+def test_key_stored_again_while_its_removed_copy_is_viewed_gets_its_own_range(
+    make_backend: MakeBackend,
+) -> None:
+    backend = make_backend(4 * UNIT)
+    backend.put(key(0), filled(UNIT, 1), 1)
+    old = backend.get(key(0))
+    backend.remove(key(0))
+    assert backend.put(key(0), filled(UNIT, 2), 1)
+    with backend.get(key(0)) as new:
+        assert new.tensor.data_ptr() != old.tensor.data_ptr()
+        old.release()  # freeing the old range leaves the new chunk alone
+        assert torch.equal(new.tensor, filled(UNIT, 2))
+    assert backend.stats()["used_bytes"] == UNIT and backend.contains(key(0))
