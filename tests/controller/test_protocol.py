@@ -1,0 +1,192 @@
+"""The controller's side of the wire protocol, driven by synthetic workers with exact sequence numbers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import httpx
+import numpy as np
+import pytest
+
+from lmcache_core.controller.server import ControllerHandle, running_controller
+from lmcache_core.controller.synthetic import SyntheticWorker
+from lmcache_core.events import EventKind
+from lmcache_core.keys import TokenHasher
+from lmcache_core.plugins import get_plugin_manager, resolve_transport
+from lmcache_core.transport import Message, MessageBus
+from lmcache_core.wire import HELLO_TOPIC, CommandRequest, EventBatch
+
+from .support import HEARTBEAT_TIMEOUT, controller_settings
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+CPU = "LocalCPUBackend"
+PROMPT = list(range(1000, 1000 + 1024))  # 4 chunks of 256
+HASHES = np.array(TokenHasher(256).hashes(PROMPT), dtype=np.uint64)
+
+
+@dataclass
+class Rig:
+    handle: ControllerHandle
+    bus: MessageBus
+    http: httpx.AsyncClient
+
+    async def lookup(self) -> dict:
+        response = await self.http.post("/lookup", json={"tokens": PROMPT})
+        assert response.status_code == 200, response.text
+        return response.json()["layout_info"]
+
+    async def wait_lookup(self, expected: dict, timeout: float = 10.0) -> None:
+        with anyio.fail_after(timeout):
+            while (got := await self.lookup()) != expected:
+                await anyio.sleep(0.01)  # poll interval of a deadline-bounded poll
+        assert got == expected
+
+    async def worker(self, name: str = "syn", **kwargs) -> SyntheticWorker:
+        worker = SyntheticWorker(self.bus, name, **kwargs)
+        ack = await worker.register()
+        assert ack.accepted and ack.resync
+        return worker
+
+
+async def _rig(nats_url: str, **settings) -> AsyncIterator[Rig]:
+    config = controller_settings(**settings)
+    pm = get_plugin_manager()
+    async with running_controller(config, nats_url=nats_url, pm=pm) as handle:
+        bus = await resolve_transport(pm, "nats").connect(config, nats_url)
+        async with bus, httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            yield Rig(handle, bus, http)
+
+
+@pytest.fixture
+async def rig(nats_url: str) -> AsyncIterator[Rig]:
+    async for r in _rig(nats_url):
+        yield r
+
+
+async def _resync_requests(worker: SyntheticWorker, count: int = 1) -> list[CommandRequest]:
+    with anyio.fail_after(10):
+        while len([c for c in worker.commands if c.command.op == "resync"]) < count:
+            await anyio.sleep(0.01)
+    return [c for c in worker.commands if c.command.op == "resync"]
+
+
+async def test_a_sequence_gap_triggers_a_resync_and_the_reset_batch_restores_the_truth(rig: Rig) -> None:
+    worker = await rig.worker()
+    await worker.serve_commands()
+    await worker.publish(worker.batch(CPU, HASHES[:2], reset=True))  # seq 1
+    await rig.wait_lookup({"syn": [CPU, 512]})
+    await worker.publish(worker.batch(CPU, HASHES[2:3], seq=3))  # seq 2 never arrives
+    requests = await _resync_requests(worker)
+    assert requests[0].command.locations == [CPU]
+    assert rig.handle.controller.metrics.seq_gaps._value.get() == 1
+    # what the worker holds now, sent as the resync's reset batch
+    await worker.publish(worker.batch(CPU, HASHES, reset=True))
+    await rig.wait_lookup({"syn": [CPU, 1024]})
+
+
+async def test_a_heartbeat_announcing_batches_that_never_arrive_triggers_a_resync(rig: Rig) -> None:
+    worker = await rig.worker()
+    await worker.serve_commands()
+    await worker.publish(worker.batch(CPU, HASHES[:1], reset=True))
+    await rig.wait_lookup({"syn": [CPU, 256]})
+    await worker.heartbeat({CPU: 5})  # batches 2..5 were lost
+    await worker.heartbeat({CPU: 5})  # one interval later they still have not arrived
+    await _resync_requests(worker)
+
+
+async def test_batches_older_than_a_clear_are_ignored_and_the_clear_batch_applies(rig: Rig) -> None:
+    worker = await rig.worker()
+    await worker.serve_commands(lambda req: worker.reply(num_tokens=512, last_seq={CPU: 3}))
+    await worker.publish(worker.batch(CPU, HASHES[:2], reset=True))  # seq 1
+    await rig.wait_lookup({"syn": [CPU, 512]})
+    late = worker.batch(CPU, HASHES[2:3])  # seq 2: published before the clear, arrives after it
+    response = await rig.http.post("/clear", json={"instance_id": "syn", "location": CPU})
+    assert response.status_code == 200, response.text
+    assert response.json()["num_tokens"] == 512
+    assert await rig.lookup() == {}
+    await worker.publish(late)
+    # seq 3 holds the clear event, then a new admit of the first chunk
+    kinds = np.array([EventKind.CLEAR, EventKind.ADMIT], dtype=np.uint8)
+    clear_batch = EventBatch.build(
+        worker.ident, CPU, 3, kinds, np.array([0, HASHES[0]], dtype=np.uint64), np.array([512, 256], dtype=np.uint32)
+    )
+    await worker.publish(clear_batch)
+    await rig.wait_lookup({"syn": [CPU, 256]})
+    assert rig.handle.controller.workers[("syn", 0)].locations[CPU].applied_seq == 3
+
+
+async def test_a_new_epoch_registration_forgets_what_the_previous_run_held(rig: Rig) -> None:
+    worker = await rig.worker()
+    await worker.publish(worker.batch(CPU, HASHES, reset=True))
+    await rig.wait_lookup({"syn": [CPU, 1024]})
+    restarted = await rig.worker()  # same instance and rank, fresh epoch
+    assert restarted.ident.epoch != worker.ident.epoch
+    assert await rig.lookup() == {}
+    await worker.publish(worker.batch(CPU, HASHES))  # the old run's batch is not credited
+    await restarted.publish(restarted.batch(CPU, HASHES[:1], reset=True))
+    await rig.wait_lookup({"syn": [CPU, 256]})
+
+
+async def test_a_silent_worker_leaves_the_index_after_the_heartbeat_timeout(rig: Rig) -> None:
+    worker = await rig.worker()
+    await worker.publish(worker.batch(CPU, HASHES, reset=True))
+    await rig.wait_lookup({"syn": [CPU, 1024]})
+    silent_since = time.monotonic()
+    await rig.wait_lookup({}, timeout=HEARTBEAT_TIMEOUT + 5)
+    assert time.monotonic() - silent_since >= HEARTBEAT_TIMEOUT * 0.9
+    response = await rig.http.get("/instances")
+    assert response.json() == {"instances": []}
+
+
+async def test_a_heartbeat_from_an_unknown_worker_makes_the_controller_say_hello(rig: Rig) -> None:
+    hellos: list[bytes] = []
+
+    async def on_hello(msg: Message) -> None:
+        hellos.append(msg.payload)
+
+    await rig.bus.subscribe(HELLO_TOPIC, on_hello)
+    await rig.bus.flush()
+    stranger = SyntheticWorker(rig.bus, "stranger")
+    with anyio.fail_after(10):
+        while not hellos:
+            await stranger.heartbeat()
+            await anyio.sleep(0.05)
+
+
+async def test_a_registration_with_an_unknown_hash_scheme_is_refused(rig: Rig) -> None:
+    worker = SyntheticWorker(rig.bus, "odd")
+    worker.registration.hashing.scheme = "sha256/v9"
+    ack = await worker.register()
+    assert not ack.accepted
+    assert "sha256/v9" in ack.detail
+
+
+@pytest.fixture
+async def quick_rig(nats_url: str) -> AsyncIterator[Rig]:
+    async for r in _rig(nats_url, controller_command_timeout=0.5):
+        yield r
+
+
+async def test_clear_on_a_worker_that_never_answers_is_a_504_naming_it(quick_rig: Rig) -> None:
+    rig = quick_rig
+    worker = await rig.worker("mute")
+    await worker.serve_commands(lambda req: None)  # listens, never replies
+    started = time.monotonic()
+    response = await rig.http.post("/clear", json={"instance_id": "mute", "location": CPU})
+    assert response.status_code == 504
+    assert "mute/0" in response.json()["detail"]
+    assert time.monotonic() - started < 3.0
+    health = await rig.http.post("/health", json={"instance_id": "mute"})
+    assert health.status_code == 200
+    assert health.json()["error_codes"] == {"0": 1}
+
+
+async def test_clear_on_a_worker_nobody_listens_for_is_a_504(quick_rig: Rig) -> None:
+    await quick_rig.worker("gone")
+    response = await quick_rig.http.post("/clear", json={"instance_id": "gone", "location": CPU})
+    assert response.status_code == 504
+    assert "gone/0" in response.json()["detail"]
