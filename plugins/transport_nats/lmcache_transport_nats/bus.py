@@ -9,6 +9,7 @@ callbacks in a task the bus owns.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -178,6 +179,11 @@ class NatsBus(MessageBus):
         self._fatal_error: BaseException | None = None
         self._closed = False
         self._pending_limit = 0
+        self._confirm_timeout = 5.0
+        # flush()'s barrier: a private inbox this bus publishes tokens to and waits to hear back
+        self._barrier_subject = ""
+        self._barrier_tokens = itertools.count()
+        self._barrier_waiters: dict[bytes, asyncio.Future[None]] = {}
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -199,6 +205,7 @@ class NatsBus(MessageBus):
         if tls is not None:
             options["tls"] = tls
         self._pending_limit = settings.nats_pending_bytes
+        self._confirm_timeout = max(5.0, settings.nats_connect_timeout)
         # One budget for the whole first connection: nats-py would otherwise retry forever
         # (nats_max_reconnect_attempts=-1), and a caller with a wrong URL must hear about it.
         budget = settings.nats_connect_timeout * max(1, len(self.servers))
@@ -215,6 +222,8 @@ class NatsBus(MessageBus):
             cause = self._fatal_error or self._last_error
             await self._abandon()
             raise TransportError(self._connect_failure(cause, budget)) from cause
+        self._barrier_subject = self._nc.new_inbox()
+        await self._nc.subscribe(self._barrier_subject, cb=self._on_barrier)
         self._reconnect_runner = asyncio.get_running_loop().create_task(
             self._run_reconnect_callbacks(), name=f"nats-on-reconnect[{self.prefix}]"
         )
@@ -309,6 +318,30 @@ class NatsBus(MessageBus):
                 except Exception:
                     log.exception("on_reconnect callback %r failed", callback)
 
+    # --- ordering barrier -----------------------------------------------------------------------
+
+    async def _on_barrier(self, msg: Msg) -> None:
+        waiter = self._barrier_waiters.get(msg.data)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _barrier(self, timeout: float) -> None:
+        """Return once the server has processed everything this bus sent before the call.
+
+        nats-py's own ``flush()`` writes its PING straight to the socket, ahead of commands
+        still in its pending buffer, so its PONG proves nothing about them. A message to our
+        own inbox queues behind them instead: when it comes back, they were all processed.
+        """
+        token = str(next(self._barrier_tokens)).encode()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barrier_waiters[token] = waiter
+        try:
+            await self._publish_subject(self._barrier_subject, token, what="a flush marker")
+            with anyio.fail_after(timeout):
+                await waiter
+        finally:
+            del self._barrier_waiters[token]
+
     # --- MessageBus ----------------------------------------------------------------------------
 
     def subject(self, topic: str) -> str:
@@ -376,25 +409,32 @@ class NatsBus(MessageBus):
                 pending_msgs_limit=_SUB_PENDING_MSGS,
                 pending_bytes_limit=_SUB_PENDING_BYTES,
             )
-            if self._nc.is_connected:
-                # the server knows the interest once this returns, so a publish from another
-                # connection right after subscribe() is delivered
-                await self._nc.flush()
         except nats.errors.ConnectionClosedError as exc:
             raise TransportError(f"cannot subscribe to '{topic}': the NATS bus is closed") from exc
         except nats.errors.Error as exc:
             raise TransportError(f"cannot subscribe to '{topic}': {exc}") from exc
+        if self._nc.is_connected:
+            # once the server confirms, a publish from another connection reaches this handler
+            try:
+                await self._barrier(self._confirm_timeout)
+            except TimeoutError:
+                # nats-py replays the subscription after a reconnect; it is not lost
+                log.warning("NATS did not confirm the subscription to '%s' in time", topic)
         return NatsSubscription(sub, topic)
 
     async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until the server has processed every publish and subscription made so far.
+
+        While disconnected this waits for the reconnect (within ``timeout``).
+        """
+        if self._closed:
+            raise TransportError("cannot flush: the NATS bus is closed")
         try:
-            await self._nc.flush(timeout)  # type: ignore[arg-type]  # nats-py accepts floats
-        except nats.errors.ConnectionClosedError as exc:
-            raise TransportError("cannot flush: the NATS bus is closed") from exc
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            await self._barrier(timeout)
+        except TimeoutError as exc:
             state = "connected" if self.is_connected else "disconnected"
             raise TransportError(
-                f"NATS did not confirm the publishes within {timeout:g}s ({state}): {exc}"
+                f"NATS did not confirm the publishes within {timeout:g}s ({state})"
             ) from exc
 
     def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:

@@ -157,7 +157,7 @@ async def test_buses_with_different_prefixes_do_not_see_each_other(nats_url, ope
 async def test_prefix_is_put_in_front_of_every_subject_on_the_server(nats_url, open_bus):
     raw = await open_bus(nats_url, nats_subject_prefix="")  # sees absolute subjects
     inbox = Inbox()
-    await raw.subscribe(">", inbox)
+    await raw.subscribe("prod.>", inbox)
     bus = await open_bus(nats_url, nats_subject_prefix="prod.lmcache")
     await bus.publish("kv.admit", b"1")
     assert await inbox.wait_for(1) == [("prod.lmcache.kv.admit", b"1")]
@@ -195,3 +195,24 @@ async def test_publish_larger_than_server_max_payload_raises_transport_error(nat
     bus = await open_bus(nats_url)
     with pytest.raises(TransportError, match="max_payload"):
         await bus.publish("big", b"x" * (bus.client.max_payload + 1))
+
+
+async def test_flush_returns_after_the_server_routed_every_earlier_publish(nats_url, open_bus):
+    sub = await open_bus(nats_url)
+    inbox = Inbox()
+    await sub.subscribe("burst", inbox)
+    pub = await open_bus(nats_url)
+    for round_number in range(20):
+        for i in range(50):
+            await pub.publish("burst", bytes([i]))
+        await pub.flush()
+        # routed before flush() returned, so the subscriber's own barrier comes after them
+        await sub.flush()
+        assert len(inbox.messages) == 50 * (round_number + 1)
+
+
+async def test_flush_on_a_closed_bus_raises_transport_error(nats_url, open_bus):
+    bus = await open_bus(nats_url)
+    await bus.aclose()
+    with pytest.raises(TransportError, match="closed"):
+        await bus.flush()
