@@ -143,6 +143,8 @@ class WorkerHandle:
         self.url: str | None = self.settings.controller_address
         self._pending: collections.deque[KVEvent] = collections.deque()
         self._seq: dict[str, int] = {}
+        self._clear_seq: dict[str, int] = {}  # per location, the batch holding the latest clear
+        self._publish_failing = False
         self._published_events = 0
         self._registered = threading.Event()
         self.registrations = 0
@@ -397,21 +399,28 @@ class WorkerHandle:
         for start in range(0, max(total, 1), step):  # a reset with nothing to send still goes out
             seq = self._seq.get(location, 0) + 1
             self._seq[location] = seq  # numbered even when lost, so the receiver sees the gap
+            batch_kinds = kinds[start : start + step]
             batch = EventBatch.build(
                 self.identity,
                 location,
                 seq,
-                kinds[start : start + step],
+                batch_kinds,
                 hashes[start : start + step],
                 tokens[start : start + step],
                 reset=reset and start == 0,
             )
+            if (batch_kinds == EventKind.CLEAR).any():
+                self._clear_seq[location] = seq
             if bus is None:
                 continue
             try:
                 await bus.publish(topic, batch.encode())
             except LMCacheError as exc:
-                log.warning("publishing events for %s failed (a resync will repair): %s", location, exc)
+                if not self._publish_failing:  # once per outage, not once per batch
+                    log.warning("publishing events for %s failed (a resync will repair): %s", location, exc)
+                self._publish_failing = True
+            else:
+                self._publish_failing = False
 
     async def _resync(self, locations: Iterable[str] | None) -> dict[str, int]:
         """Send the inventory of ``locations`` (all when None) as reset batches; returns last seqs."""
@@ -534,11 +543,12 @@ class WorkerHandle:
             raise UnknownLocationError(location, self.engine.locations)
         removed = await anyio.to_thread.run_sync(self.engine.clear, location, abandon_on_cancel=True)
         # the clear event is pending now: publish it (and all before it) before replying, so
-        # the reply's last_seq names the batch that holds it
+        # the reply's last_seq names the batch that holds it (not a later one: admits that
+        # follow the clear in later batches must still be applied)
         async with self._publish_lock:
             while await self._publish_pending_locked():
                 pass
-            last = self._seq.get(location, 0)
+            last = self._clear_seq.get(location, self._seq.get(location, 0))
         return self._reply(ok=True, num_tokens=removed, location=location, last_seq={location: last})
 
     async def _lookup(self, tokens: list[int]) -> CommandReply:

@@ -185,6 +185,7 @@ def test_a_bad_command_gets_an_error_reply_and_the_worker_keeps_serving(make_set
 def test_heartbeats_carry_last_seq_and_chunk_counts(make_settings, make_instance, peer) -> None:
     instance = make_instance(make_settings())
     worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)  # no resync after this point moves the seqs on
     instance.engine.store(list(range(600)), kv(600))
     assert instance.engine.flush(WAIT)
     assert worker.sync(WAIT)
