@@ -51,13 +51,15 @@ _MAX_LOAD = 0.7  # used slots (live + garbage) per home slot before a rebuild st
 _TARGET_LOAD = 0.5  # live entries per home slot right after a rebuild
 _GARBAGE_MIN = 1 << 16  # never rebuild just to drop fewer dead entries than this
 _TAIL = 64  # slots kept empty at the end of the arrays, so probe windows never run off them
-_PROBE = 8  # slots read in the first probing round when looking for an empty slot
+_SPARE_TAIL = 1024  # extra slots past the tail, so a growing run rarely forces a reallocation
+_PROBE = 16  # slots read in the first probing round when looking for an empty slot
 _MAX_PROBE = 64  # later rounds double the width up to this (< _TAIL)
 _RAMP = np.arange(_MAX_PROBE)
 _MIGRATE_MIN_SLOTS = 1 << 16  # old-table slots moved per mutating call during a rebuild
 _OLD_LOAD_LIMIT = 0.85  # the table being moved still takes admits for its part, up to this load
 _MAX_SHRINK = 12  # a rebuild's new capacity is at least this fraction of the old table
 _U32_MAX = (1 << 32) - 1
+_DENSE_MASK_LIMIT = 1 << 20  # lookups lay out one mask per holder row up to this many cells
 
 ADMIT = int(EventKind.ADMIT)
 EVICT = int(EventKind.EVICT)
@@ -103,22 +105,25 @@ def _mix(hashes: np.ndarray) -> np.ndarray:
 class _Table:
     """One linear-probing table of (mixed hash, incarnation, tokens) slots."""
 
-    __slots__ = ("cap", "keys", "hold", "toks", "reach", "used", "_cap64")
+    __slots__ = ("cap", "keys", "hold", "toks", "end", "span", "used", "_cap64")
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self._cap64 = np.uint64(cap)
-        size = cap + _TAIL + (1 << _BUCKET_SHIFT)
+        size = cap + _TAIL + _SPARE_TAIL
         # np.zeros maps fresh zero pages lazily: allocating a big table costs no time up front
         self.keys = np.zeros(size, dtype=np.uint64)
         self.hold = np.zeros(size, dtype=np.uint32)
         self.toks = np.zeros(size, dtype=np.uint32)
-        self.reach = np.zeros((size >> _BUCKET_SHIFT) + 1, dtype=np.uint32)
+        # per bucket of 8 home slots: one past the last slot any entry homed there occupies
+        buckets = (cap >> _BUCKET_SHIFT) + 1
+        self.end = np.arange(buckets, dtype=np.int32) << _BUCKET_SHIFT
+        self.span = 0  # the largest end - bucket start: no key's entries lie further on
         self.used = 0
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.hold.nbytes + self.toks.nbytes + self.reach.nbytes
+        return self.keys.nbytes + self.hold.nbytes + self.toks.nbytes + self.end.nbytes
 
     def home(self, mixed: np.ndarray) -> np.ndarray:
         """Home slots; monotone in the mixed hash (top 32 bits scaled to the capacity)."""
@@ -126,46 +131,47 @@ class _Table:
 
     def _grow_tail(self, needed_len: int) -> None:
         # a run reached the end of the arrays (a huge cluster at the top of the hash range)
-        size = max(needed_len + _TAIL, len(self.keys) + (len(self.keys) >> 3))
-        extra = size - len(self.keys)
+        extra = needed_len + _TAIL + _SPARE_TAIL - len(self.keys)
         self.keys = np.concatenate([self.keys, np.zeros(extra, dtype=np.uint64)])
         self.hold = np.concatenate([self.hold, np.zeros(extra, dtype=np.uint32)])
         self.toks = np.concatenate([self.toks, np.zeros(extra, dtype=np.uint32)])
-        reach = np.zeros((size >> _BUCKET_SHIFT) + 1, dtype=np.uint32)
-        reach[: len(self.reach)] = self.reach
-        self.reach = reach
 
-    def windows(self, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(query row, slot) of every slot that can hold an entry for each key."""
+    def _note_placed(self, home: np.ndarray, placed: np.ndarray) -> None:
+        bucket = home >> _BUCKET_SHIFT
+        np.maximum.at(self.end, bucket, (placed + 1).astype(np.int32))
+        span = int((placed - (bucket << _BUCKET_SHIFT)).max()) + 1
+        if span > self.span:
+            self.span = span
+            # a full-width lookup window from any home stays inside the arrays
+            if self.cap + span + _TAIL > len(self.keys):
+                self._grow_tail(self.cap + span + _TAIL)
+
+    def windows(self, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every slot that can hold an entry for each key, as (slots, keys repeated to match,
+        cumulative window lengths); the query row of slot i is ``searchsorted(ends, i, "right")``.
+        """
         start = self.home(mixed)
-        bucket = start >> _BUCKET_SHIFT
-        lens = (bucket << _BUCKET_SHIFT) + self.reach[bucket].astype(np.intp) - start
+        lens = self.end[start >> _BUCKET_SHIFT] - start
         np.maximum(lens, 0, out=lens)
-        total = int(lens.sum())
-        if total == 0:
-            empty = np.empty(0, dtype=np.intp)
-            return empty, empty
-        rows = np.repeat(np.arange(len(mixed)), lens)
-        offsets = np.cumsum(lens) - lens
-        slots = np.arange(total, dtype=np.intp) + np.repeat(start - offsets, lens)
-        return rows, slots
+        ends = np.cumsum(lens)
+        total = int(ends[-1]) if len(ends) else 0
+        slots = np.repeat(start - ends + lens, lens)
+        slots += np.arange(total)
+        return slots, np.repeat(mixed, lens), ends
 
     def find(self, mixed: np.ndarray, inc: int) -> np.ndarray:
         """The slot holding each (key, ``inc``) pair, or -1; keys must be distinct."""
         found = np.full(len(mixed), -1, dtype=np.intp)
-        rows, slots = self.windows(mixed)
-        if rows.size:
-            hit = np.flatnonzero((self.keys[slots] == mixed[rows]) & (self.hold[slots] == inc))
-            found[rows[hit]] = slots[hit]
+        slots, wanted, ends = self.windows(mixed)
+        hit = np.flatnonzero((self.keys[slots] == wanted) & (self.hold[slots] == inc))
+        found[np.searchsorted(ends, hit, "right")] = slots[hit]
         return found
 
     def find_all(self, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(query row, incarnation) of every slot whose key matches a query (garbage included)."""
-        rows, slots = self.windows(mixed)
-        if rows.size == 0:
-            return rows, rows
-        hit = np.flatnonzero(self.keys[slots] == mixed[rows])
-        return rows[hit], self.hold[slots[hit]]
+        slots, wanted, ends = self.windows(mixed)
+        hit = np.flatnonzero(self.keys[slots] == wanted)
+        return np.searchsorted(ends, hit, "right"), self.hold[slots[hit]]
 
     def claim(self, mixed: np.ndarray, inc: int, toks: np.ndarray) -> None:
         """Write new (key, ``inc``) pairs, known absent and distinct, into the first free slots."""
@@ -202,12 +208,7 @@ class _Table:
             active = np.concatenate([moving, cand[lost]])
             width = min(width * 2, _MAX_PROBE)
         self.used += n
-        self._note_reach(home, placed)
-
-    def _note_reach(self, home: np.ndarray, placed: np.ndarray) -> None:
-        bucket = home >> _BUCKET_SHIFT
-        reach = (placed - (bucket << _BUCKET_SHIFT) + 1).astype(np.uint32)
-        np.maximum.at(self.reach, bucket, reach)
+        self._note_placed(home, placed)
 
     def first_empty(self, start: int) -> int:
         """The first empty slot at or after ``start`` (the tail guarantees one exists)."""
@@ -241,7 +242,7 @@ class _Table:
         self.hold[placed] = incs
         self.toks[placed] = toks
         self.used += n
-        self._note_reach(home, placed)
+        self._note_placed(home, placed)
 
 
 def _as_hashes(hashes: object, what: str = "hashes") -> np.ndarray:
@@ -298,8 +299,14 @@ class KVIndex:
         self._move_rate = 0
         self._live = 0
         # holder ids are stable; each holds an incarnation that clear_holder replaces, so old
-        # entries die in O(1). Per incarnation: its holder (-1 once dead), chunks and tokens.
-        self._holder_of = np.full(64, -1, dtype=np.int64)
+        # entries die in O(1). Each live holder also owns a dense *row* (reused after removal,
+        # unlike ids) that lookups build their masks in. Per incarnation: its holder's row
+        # (0 once dead; empty slots and tombstones map there too), chunks and tokens.
+        self._row_of = np.zeros(64, dtype=np.intp)
+        self._row_holder = np.zeros(64, dtype=np.int64)  # row -> holder id; row 0 is unused
+        self._rows: dict[int, int] = {}
+        self._free_rows: list[int] = []
+        self._next_row = 1
         self._chunks = np.zeros(64, dtype=np.int64)
         self._tokens = np.zeros(64, dtype=np.int64)
         self._next_inc = _FIRST_INCARNATION
@@ -319,8 +326,17 @@ class KVIndex:
             self._next_holder += 1
             self._ids[triple] = hid
             self._triples[hid] = triple
+            self._rows[hid] = row = self._free_rows.pop() if self._free_rows else self._take_row()
+            self._row_holder[row] = hid
             self._inc[hid] = self._new_incarnation(hid)
         return hid
+
+    def _take_row(self) -> int:
+        row = self._next_row
+        self._next_row += 1
+        if row >= len(self._row_holder):
+            self._row_holder = np.concatenate([self._row_holder, np.zeros_like(self._row_holder)])
+        return row
 
     def holders(self) -> list[HolderInfo]:
         """Every registered holder with its current chunk and token counts."""
@@ -355,23 +371,20 @@ class KVIndex:
     def _new_incarnation(self, holder: int) -> int:
         inc = self._next_inc
         self._next_inc += 1
-        if inc >= len(self._holder_of):
-            size = 2 * len(self._holder_of)
-            self._holder_of = np.concatenate(
-                [self._holder_of, np.full(size - len(self._holder_of), -1, dtype=np.int64)]
-            )
-            self._chunks = np.concatenate([self._chunks, np.zeros(size - len(self._chunks), np.int64)])
-            self._tokens = np.concatenate([self._tokens, np.zeros(size - len(self._tokens), np.int64)])
+        if inc >= len(self._row_of):
+            self._row_of = np.concatenate([self._row_of, np.zeros_like(self._row_of)])
+            self._chunks = np.concatenate([self._chunks, np.zeros_like(self._chunks)])
+            self._tokens = np.concatenate([self._tokens, np.zeros_like(self._tokens)])
         if inc > _U32_MAX:
             raise LMCacheError("the index ran out of holder incarnations (2**32 clears)")
-        self._holder_of[inc] = holder
+        self._row_of[inc] = self._rows[holder]
         return inc
 
     def _retire(self, inc: int) -> int:
         """Kill an incarnation in O(1); returns the tokens it held."""
         tokens = int(self._tokens[inc])
         self._live -= int(self._chunks[inc])
-        self._holder_of[inc] = -1
+        self._row_of[inc] = 0
         self._chunks[inc] = 0
         self._tokens[inc] = 0
         return tokens
@@ -388,6 +401,7 @@ class KVIndex:
         del self._inc[holder]
         del self._ids[self._triples.pop(holder)]
         self._retire(inc)
+        self._free_rows.append(self._rows.pop(holder))
 
     # ---- entries -------------------------------------------------------------------------
 
@@ -521,18 +535,26 @@ class KVIndex:
             ]
             rows = np.concatenate([f[0] for f in found])
             incs = np.concatenate([f[1] for f in found])
-        owners = self._holder_of[incs]  # empty slots, tombstones and dead incarnations are -1
-        alive = owners >= 0
-        if not alive.all():
-            owners, rows = owners[alive], rows[alive]
-        if not owners.size:
+        if not rows.size:
             return {}
-        ids = np.flatnonzero(np.bincount(owners))
-        compact = np.empty(int(ids[-1]) + 1, dtype=np.intp)
-        compact[ids] = np.arange(len(ids))
-        masks = np.zeros((len(ids), len(keys)), dtype=bool)
-        masks[compact[owners], rows] = True
-        return dict(zip(ids.tolist(), masks))
+        n = len(keys)
+        owner = self._row_of[incs]  # empty slots, tombstones and dead incarnations give row 0
+        held = np.bincount(owner, minlength=1)
+        held[0] = 0
+        held = np.flatnonzero(held)
+        if self._next_row * n > _DENSE_MASK_LIMIT:
+            # a long query: lay the masks out for the holders that hit only
+            live = owner > 0
+            compact = np.zeros(self._next_row, dtype=np.intp)
+            compact[held] = np.arange(len(held))
+            owner, rows = compact[owner[live]], rows[live]
+            masks = np.zeros((len(held), n), dtype=bool)
+            masks[owner, rows] = True
+        else:
+            masks = np.zeros(self._next_row * n, dtype=bool)
+            masks[owner * n + rows] = True
+            masks = masks.reshape(-1, n)[held]
+        return dict(zip(self._row_holder[held].tolist(), masks))
 
     def num_entries(self) -> int:
         """Live (chunk hash, holder) entries."""
@@ -540,7 +562,7 @@ class KVIndex:
 
     def memory_bytes(self) -> int:
         """Bytes of the arrays that hold entries and per-holder counts."""
-        total = self._table.nbytes + self._holder_of.nbytes + self._chunks.nbytes + self._tokens.nbytes
+        total = self._table.nbytes + self._row_of.nbytes + self._chunks.nbytes + self._tokens.nbytes
         if self._old is not None:
             total += self._old.nbytes
         return total
@@ -595,7 +617,7 @@ class KVIndex:
         if stop < len(old.keys):
             stop = old.first_empty(stop - 1) + 1  # end regions on an empty slot: runs stay whole
         incs = old.hold[start:stop]
-        live = np.flatnonzero(self._holder_of[incs] >= 0)
+        live = np.flatnonzero(self._row_of[incs])
         if live.size:
             self._table.place_sorted_run(
                 old.keys[start:stop][live], incs[live], old.toks[start:stop][live]
