@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lmcache_core.cli_nats import parse_tokens
 from lmcache_core.config import LMCacheSettings, load_settings
 from lmcache_core.engine import CacheEngine, EngineMetadata
 from lmcache_core.errors import LMCacheError
@@ -35,17 +36,6 @@ from lmcache_core.worker import WorkerHandle, start_worker
 
 #: the 12-token prompt of the walkthrough
 DEFAULT_PROMPT = [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]
-
-
-def parse_tokens(text: str) -> list[int]:
-    """``"1,2,3"`` -> ``[1, 2, 3]``."""
-    try:
-        tokens = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not tokens:
-        raise argparse.ArgumentTypeError("expected at least one token id")
-    return tokens
 
 
 def kv_for(tokens: Sequence[int], num_layers: int, hidden: int) -> torch.Tensor:

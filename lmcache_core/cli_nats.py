@@ -52,7 +52,8 @@ class CommandFailed(LMCacheError):
 # --- plumbing -------------------------------------------------------------------------------------
 
 
-def _parse_tokens(text: str) -> list[int]:
+def parse_tokens(text: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``, for argparse (``ArgumentTypeError`` on anything else)."""
     try:
         tokens = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
@@ -363,7 +364,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
 
     nats = subparsers.add_parser(
-        "nats", help="talk to workers over the message bus", description=__doc__.split("\n\n")[0]
+        "nats",
+        help="talk to workers over the message bus",
+        description="Talk to workers directly over the message bus, without a controller.",
     )
     sub = nats.add_subparsers(dest="nats_command", required=True, metavar="SUBCOMMAND")
 
@@ -376,7 +379,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     workers.set_defaults(func=_cmd_workers)
 
     lookup = sub.add_parser("lookup", parents=[common, targeted], help="ask how much of a prompt is stored")
-    lookup.add_argument("--tokens", type=_parse_tokens, required=True, help="token ids, e.g. 1,2,3")
+    lookup.add_argument("--tokens", type=parse_tokens, required=True, help="token ids, e.g. 1,2,3")
     lookup.set_defaults(func=_cmd_lookup)
 
     clear = sub.add_parser("clear", parents=[common, targeted], help="empty one location of an instance")
