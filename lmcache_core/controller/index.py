@@ -53,7 +53,7 @@ _GARBAGE_MIN = 1 << 16  # never rebuild just to drop fewer dead entries than thi
 _TAIL = 64  # slots kept empty at the end of the arrays, so probe windows never run off them
 _SPARE_TAIL = 1024  # extra slots past the tail, so a growing run rarely forces a reallocation
 _PROBE = 16  # slots read in the first probing round when looking for an empty slot
-_MAX_PROBE = 64  # later rounds double the width up to this (< _TAIL)
+_MAX_PROBE = 1 << 12  # later rounds double the width up to this
 _RAMP = np.arange(_MAX_PROBE)
 _MIGRATE_MIN_SLOTS = 1 << 16  # old-table slots moved per mutating call during a rebuild
 _OLD_LOAD_LIMIT = 0.85  # the table being moved still takes admits for its part, up to this load
@@ -246,10 +246,17 @@ class _Table:
 
 
 def _as_hashes(hashes: object, what: str = "hashes") -> np.ndarray:
-    try:
-        arr = np.asarray(hashes, dtype=np.uint64)
-    except (OverflowError, TypeError, ValueError) as exc:
-        raise IndexInputError(f"{what} must be unsigned 64-bit integers: {exc}") from exc
+    if isinstance(hashes, np.ndarray) and hashes.dtype == np.uint64:
+        arr = hashes
+    elif isinstance(hashes, np.ndarray):
+        if hashes.dtype.kind not in "iu" or (hashes.size and int(hashes.min()) < 0):
+            raise IndexInputError(f"{what} must be unsigned 64-bit integers, got {hashes.dtype} values")
+        arr = hashes.astype(np.uint64)
+    else:
+        try:
+            arr = np.asarray(hashes, dtype=np.uint64)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise IndexInputError(f"{what} must be unsigned 64-bit integers: {exc}") from exc
     if arr.ndim != 1:
         raise IndexInputError(f"{what} must be a flat array, got shape {arr.shape}")
     return arr
@@ -555,6 +562,11 @@ class KVIndex:
             masks[owner * n + rows] = True
             masks = masks.reshape(-1, n)[held]
         return dict(zip(self._row_holder[held].tolist(), masks))
+
+    @property
+    def rebuilding(self) -> bool:
+        """Whether an incremental rebuild (grow, shrink or clean-up) is under way."""
+        return self._old is not None
 
     def num_entries(self) -> int:
         """Live (chunk hash, holder) entries."""
