@@ -307,3 +307,26 @@ def test_pack_events_splits_locations_and_keeps_order() -> None:
     kinds, hashes, tokens = packed["B"]
     assert kinds.tolist() == [1, 3] and hashes.tolist() == [2, 0]
     assert hashes.dtype == np.dtype("<u8") and tokens.dtype == np.dtype("<u4")
+
+
+def test_close_is_prompt_and_leaves_no_thread_while_the_bus_is_down(make_settings, pm, peer, nats_server) -> None:
+    import threading
+    import time
+
+    from lmcache_core.engine import CacheEngine, EngineMetadata
+    from lmcache_core.worker import start_worker
+
+    engine = CacheEngine(make_settings(), EngineMetadata("m"), pm, start_worker=False)
+    try:
+        before = set(threading.enumerate())
+        worker = start_worker(engine)
+        assert worker.wait_registered(WAIT)
+        nats_server.stop()
+        engine.store(PROMPT, kv(12))  # the engine keeps working without its bus
+        assert engine.lookup(PROMPT) == 12
+        start = time.monotonic()
+        worker.close()
+        assert time.monotonic() - start < 6.0
+        assert set(threading.enumerate()) - before == set()
+    finally:
+        engine.close()
