@@ -191,6 +191,7 @@ class InstanceProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
         full_env.update({f"LMCACHE_{k.upper()}": str(v) for k, v in FAST.items()})
         full_env.update(
+            LMCACHE_ENABLE_CONTROLLER="true",
             LMCACHE_CONTROLLER_URL=nats_url,
             LMCACHE_LMCACHE_INSTANCE_ID=instance_id,
             LMCACHE_MAX_LOCAL_CPU_SIZE="0.05",
