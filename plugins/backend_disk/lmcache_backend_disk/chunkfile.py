@@ -28,6 +28,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import numpy as np
 import torch
 import xxhash
 
@@ -202,7 +203,11 @@ def tensor_bytes(data: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
 
 
 def empty_for(header: ChunkHeader) -> tuple[torch.Tensor, memoryview]:
-    """A fresh tensor shaped by ``header`` and a writable view of its bytes."""
-    tensor = torch.empty(header.shape, dtype=header.dtype)
-    raw = tensor.reshape(-1).view(torch.uint8)
-    return tensor, memoryview(raw.numpy()).cast("B")
+    """A fresh tensor shaped by ``header`` and a writable view of its bytes.
+
+    numpy allocates the memory because it asks for transparent huge pages on large arrays:
+    filling a fresh 32 MiB torch.empty costs about 4x more page faults than the read itself.
+    """
+    raw = np.empty(header.data_length, dtype=np.uint8)
+    tensor = torch.from_numpy(raw).view(header.dtype).reshape(header.shape)
+    return tensor, memoryview(raw).cast("B")
