@@ -154,6 +154,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._server: LookupServer | None = None
         self._layout: PagedKVLayout | None = None
         self._invalid_blocks: set[int] = set()
+        self._failed_loads: set[str] = set()  # requests whose load failed in this step
         self._closed = False
         self._close_lock = threading.Lock()
         # scheduler side
@@ -202,6 +203,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     def _load(self, spec: LoadSpec) -> None:
         engine, layout, bs = self._engine, self._layout, self._block_size
         loaded_to = spec.start  # tokens [start, loaded_to) are in their blocks
+        hits_before = self._location_hits()
 
         def sink(span: ChunkSpan, tensor: torch.Tensor) -> None:
             nonlocal loaded_to
@@ -218,18 +220,32 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
                 engine.retrieve(spec.token_ids, sink)
             except Exception as exc:  # any failure: recompute, never crash the worker
                 log.warning("lmcache load for request %s failed: %s", spec.req_id, exc)
+        sources = self._hits_since(hits_before)
         if loaded_to < spec.end:
             bad = spec.block_ids[loaded_to // bs : spec.end // bs]
             self._invalid_blocks.update(bad)
+            # its blocks past loaded_to hold no valid KV this step: never store them
+            self._failed_loads.add(spec.req_id)
             log.warning(
                 "lmcache: request %s loaded %d of %d tokens; %d blocks will be recomputed",
                 spec.req_id, loaded_to - spec.start, spec.end - spec.start, len(bad),
             )
         else:
             log.info(
-                "lmcache: request %s loaded %d tokens (%d..%d)",
-                spec.req_id, spec.end - spec.start, spec.start, spec.end,
+                "lmcache: request %s loaded %d tokens (%d..%d); chunk hits per location: %s",
+                spec.req_id, spec.end - spec.start, spec.start, spec.end, sources,
             )
+
+    def _location_hits(self) -> dict[str, int]:
+        engine = self._engine
+        if engine is None:
+            return {}
+        return {loc: int(st.get("hits", 0)) for loc, st in engine.stats().items()}
+
+    def _hits_since(self, before: dict[str, int]) -> dict[str, int]:
+        """Chunk hits per location since ``before`` (for the log: which tier served a load)."""
+        now = self._location_hits()
+        return {loc: n - before.get(loc, 0) for loc, n in now.items() if n - before.get(loc, 0)}
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads finish in ``start_load_kv``; nothing to wait for."""
@@ -252,7 +268,10 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         engine, layout, bs = self._engine, self._layout, self._block_size
         if engine is None or layout is None:
             return
+        failed, self._failed_loads = self._failed_loads, set()
         for spec in metadata.saves:
+            if spec.req_id in failed:
+                continue
             blocks = spec.block_ids
 
             def chunk(start: int, end: int, blocks: list[int] = blocks) -> torch.Tensor:
