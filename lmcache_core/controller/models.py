@@ -31,7 +31,8 @@ class LookupRequest(ApiModel):
 
 class LookupResponse(BaseModel):
     event_id: str
-    layout_info: dict[str, tuple[str, int]] = Field(
+    # a list rather than a tuple: OpenAPI tools read a plain array schema more reliably
+    layout_info: dict[str, Annotated[list[str | int], Field(min_length=2, max_length=2)]] = Field(
         description="Per instance holding a prefix: [location holding most of it, matched tokens]."
     )
 
