@@ -209,21 +209,25 @@ class NatsBus(MessageBus):
         # One budget for the whole first connection: nats-py would otherwise retry forever
         # (nats_max_reconnect_attempts=-1), and a caller with a wrong URL must hear about it.
         budget = settings.nats_connect_timeout * max(1, len(self.servers))
-        with anyio.CancelScope() as scope:
-            self._connect_scope = scope
-            scope.deadline = anyio.current_time() + budget
-            try:
-                await self._nc.connect(**options)
-            except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
-                await self._abandon()
-                raise TransportError(self._connect_failure(exc, budget)) from exc
-        self._connect_scope = None
-        if scope.cancelled_caught or not self._nc.is_connected:
-            cause = self._fatal_error or self._last_error
+        try:
+            with anyio.CancelScope() as scope:
+                self._connect_scope = scope
+                scope.deadline = anyio.current_time() + budget
+                try:
+                    await self._nc.connect(**options)
+                except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+                    raise TransportError(self._connect_failure(exc, budget)) from exc
+                finally:
+                    self._connect_scope = None
+            if scope.cancelled_caught or not self._nc.is_connected:
+                cause = self._fatal_error or self._last_error
+                raise TransportError(self._connect_failure(cause, budget)) from cause
+            self._barrier_subject = self._nc.new_inbox()
+            await self._nc.subscribe(self._barrier_subject, cb=self._on_barrier)
+        except BaseException:
+            # failed or cancelled half-way: close what nats-py started, so nothing retries on
             await self._abandon()
-            raise TransportError(self._connect_failure(cause, budget)) from cause
-        self._barrier_subject = self._nc.new_inbox()
-        await self._nc.subscribe(self._barrier_subject, cb=self._on_barrier)
+            raise
         self._reconnect_runner = asyncio.get_running_loop().create_task(
             self._run_reconnect_callbacks(), name=f"nats-on-reconnect[{self.prefix}]"
         )
@@ -260,7 +264,8 @@ class NatsBus(MessageBus):
         runner, self._reconnect_runner = self._reconnect_runner, None
         if runner is not None:
             runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
+            if runner is not asyncio.current_task():  # an on_reconnect callback may close us
+                await asyncio.gather(runner, return_exceptions=True)
         with anyio.CancelScope(shield=True):
             try:
                 if self._nc.is_connected:
