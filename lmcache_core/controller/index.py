@@ -98,6 +98,14 @@ def longest_prefix(mask: np.ndarray) -> int:
     return int(mask.size) if mask[first_miss] else first_miss
 
 
+_RAMP_CACHE = np.arange(1 << 16)
+
+
+def _ramp(n: int) -> np.ndarray:
+    """``np.arange(n)``, a view of a cached one when short (lookups make several per call)."""
+    return _RAMP_CACHE[:n] if n <= len(_RAMP_CACHE) else np.arange(n)
+
+
 def _mix(hashes: np.ndarray) -> np.ndarray:
     return hashes * _GOLDEN
 
@@ -147,31 +155,30 @@ class _Table:
                 self._grow_tail(self.cap + span + _TAIL)
 
     def windows(self, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every slot that can hold an entry for each key, as (slots, keys repeated to match,
-        cumulative window lengths); the query row of slot i is ``searchsorted(ends, i, "right")``.
-        """
+        """Every slot that can hold an entry for each key: (slots, each slot's query row, the
+        query key repeated to match). ``take`` is used throughout: it is the fast gather."""
         start = self.home(mixed)
-        lens = self.end[start >> _BUCKET_SHIFT] - start
+        lens = self.end.take(start >> _BUCKET_SHIFT) - start
         np.maximum(lens, 0, out=lens)
         ends = np.cumsum(lens)
         total = int(ends[-1]) if len(ends) else 0
         slots = np.repeat(start - ends + lens, lens)
-        slots += np.arange(total)
-        return slots, np.repeat(mixed, lens), ends
+        slots += _ramp(total)
+        return slots, np.repeat(_ramp(len(mixed)), lens), np.repeat(mixed, lens)
 
     def find(self, mixed: np.ndarray, inc: int) -> np.ndarray:
         """The slot holding each (key, ``inc``) pair, or -1; keys must be distinct."""
         found = np.full(len(mixed), -1, dtype=np.intp)
-        slots, wanted, ends = self.windows(mixed)
-        hit = np.flatnonzero((self.keys[slots] == wanted) & (self.hold[slots] == inc))
-        found[np.searchsorted(ends, hit, "right")] = slots[hit]
+        slots, rows, wanted = self.windows(mixed)
+        hit = np.flatnonzero((self.keys.take(slots) == wanted) & (self.hold.take(slots) == inc))
+        found[rows.take(hit)] = slots.take(hit)
         return found
 
     def find_all(self, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(query row, incarnation) of every slot whose key matches a query (garbage included)."""
-        slots, wanted, ends = self.windows(mixed)
-        hit = np.flatnonzero(self.keys[slots] == wanted)
-        return np.searchsorted(ends, hit, "right"), self.hold[slots[hit]]
+        slots, rows, wanted = self.windows(mixed)
+        hit = np.flatnonzero(self.keys.take(slots) == wanted)
+        return rows.take(hit), self.hold.take(slots.take(hit))
 
     def claim(self, mixed: np.ndarray, inc: int, toks: np.ndarray) -> None:
         """Write new (key, ``inc``) pairs, known absent and distinct, into the first free slots."""
@@ -271,11 +278,16 @@ def _as_tokens(tokens: object, n: int) -> np.ndarray:
     return arr.astype(np.uint32, copy=False)
 
 
-def _last_per_key(keys: np.ndarray) -> np.ndarray:
-    """Positions of the last occurrence of each distinct key, in key order."""
+def _last_per_key(keys: np.ndarray) -> np.ndarray | slice:
+    """Positions of the last occurrence of each distinct key (all of them when none repeats)."""
     n = len(keys)
     if n <= 1:
-        return np.arange(n)
+        return slice(None)
+    # a plain sort is an order of magnitude faster than the stable one unique() needs, and
+    # batches rarely repeat a hash: check first, pay for the stable path only when one does
+    ordered = np.sort(keys)
+    if (ordered[1:] != ordered[:-1]).all():
+        return slice(None)
     _, first_in_reversed = np.unique(keys[::-1], return_index=True)
     return n - 1 - first_in_reversed
 
@@ -418,7 +430,7 @@ class KVIndex:
         keys = _as_hashes(hashes)
         toks = _as_tokens(tokens, len(keys))
         keep = _last_per_key(keys)
-        self._prepare(len(keep))
+        self._prepare(len(keys))
         self._admit(self._inc[holder], _mix(keys[keep]), toks[keep])
         self._advance(len(keys))
 
@@ -476,7 +488,7 @@ class KVIndex:
         toks = _as_tokens(tokens, len(keys))
         self._retire_and_renew(holder)
         keep = _last_per_key(keys)
-        self._prepare(len(keep))
+        self._prepare(len(keys))
         self._admit(self._inc[holder], _mix(keys[keep]), toks[keep])
         self._advance(len(keys))
 
@@ -545,7 +557,7 @@ class KVIndex:
         if not rows.size:
             return {}
         n = len(keys)
-        owner = self._row_of[incs]  # empty slots, tombstones and dead incarnations give row 0
+        owner = self._row_of.take(incs)  # empty slots, tombstones and dead incarnations: row 0
         held = np.bincount(owner, minlength=1)
         held[0] = 0
         held = np.flatnonzero(held)
