@@ -107,3 +107,15 @@ async def test_aclose_while_disconnected_returns_promptly(nats_server, open_bus)
     await _wait_until(lambda: not bus.is_connected)
     with anyio.fail_after(5):
         await bus.aclose()
+
+
+async def test_flush_while_disconnected_waits_for_the_reconnect(nats_server, open_bus):
+    bus = await open_bus(nats_server.url, nats_reconnect_wait=0.02)
+    await nats_server.astop()
+    await _wait_until(lambda: not bus.is_connected)
+    await bus.publish("t", b"kept")
+    with pytest.raises(TransportError, match="within 0.2s.*disconnected"):
+        await bus.flush(timeout=0.2)
+    await nats_server.astart()
+    await bus.flush(timeout=10)  # confirmed once the buffered publish reached the new server
+    assert bus.is_connected
