@@ -206,20 +206,20 @@ class LocalDiskBackend(StorageBackend):
     ) -> bool:
         """Queue ``data`` for writing; see ``StorageBackend.put`` (this backend writes behind)."""
         done_now = [on_done] if on_done is not None else []
-        if not isinstance(data, torch.Tensor):
-            _call(done_now)
-            raise BackendError(f"LocalDiskBackend stores torch tensors, got {type(data).__name__}")
-        size = len(encode_header(key, data.dtype, tuple(data.shape), num_tokens, 0, 0))
-        size += data.numel() * data.element_size()
-        with self._cond:
-            if self._closing:
-                closed = True
-            else:
-                closed = False
+        try:
+            if not isinstance(data, torch.Tensor):
+                raise BackendError(
+                    f"LocalDiskBackend stores torch tensors, got {type(data).__name__}"
+                )
+            size = len(encode_header(key, data.dtype, tuple(data.shape), num_tokens, 0, 0))
+            size += data.numel() * data.element_size()
+            with self._cond:
+                if self._closing:
+                    raise BackendError(f"LocalDiskBackend at {self.directory} is closed")
                 admitted = self._enqueue_locked(key, data, num_tokens, size, on_done)
-        if closed:
-            _call(done_now)
-            raise BackendError(f"LocalDiskBackend at {self.directory} is closed")
+        except BaseException:
+            _call(done_now)  # on_done runs exactly once, even when put fails
+            raise
         if admitted is None:
             return True  # queued: the writer calls on_done
         _call(done_now)
@@ -402,7 +402,6 @@ class LocalDiskBackend(StorageBackend):
 
     def _run_writer(self) -> None:
         while True:
-            callbacks: list[Callback] = []
             with self._cond:
                 while not self._queue and not self._closing:
                     self._cond.wait()
@@ -412,17 +411,28 @@ class LocalDiskBackend(StorageBackend):
                 item.queued = False
                 self._in_flight = item
                 self._cond.notify_all()  # a blocked put may use the freed queue slot
-                room = self._make_room_locked(item.size)
-                if room:
-                    self._reserved += item.size
-                else:
-                    self._counters["rejected"] += 1
-                    self._finish_locked(item, callbacks)
-            if room:
-                self._write_and_admit(item, callbacks)
+            callbacks: list[Callback] = []
+            try:
+                self._store(item, callbacks)
+            except Exception:  # the writer must outlive any one chunk's failure
+                logger.exception("LocalDiskBackend failed on chunk %s", item.key.to_string())
+            finally:
+                with self._cond:
+                    self._finish_locked(item, callbacks)  # a no-op when _store finished it
             _call(callbacks)
+            with self._cond:
+                self._in_flight = None  # only now: flush returns after on_done has run
+                self._cond.notify_all()
 
-    def _write_and_admit(self, item: _Pending, callbacks: list[Callback]) -> None:
+    def _store(self, item: _Pending, callbacks: list[Callback]) -> None:
+        """Make room for one chunk, write it, index it and finish it (or leave the caller to)."""
+        with self._cond:
+            if item.cancelled:
+                return
+            if not self._make_room_locked(item.size):
+                self._counters["rejected"] += 1
+                return
+            self._reserved += item.size
         try:
             path = self._write_file(item)
         except Exception as exc:
@@ -432,21 +442,21 @@ class LocalDiskBackend(StorageBackend):
             with self._cond:
                 self._counters["write_errors"] += 1
                 self._reserved -= item.size
-                self._finish_locked(item, callbacks)
             return
         with self._cond:
             self._reserved -= item.size
             if item.cancelled:
                 _unlink_quietly(path)  # removed or cleared while it was being written
-            else:
-                entry = _Entry(item.num_tokens, item.size, path, item.pins)
-                self._index[item.key] = entry
-                self._used += entry.size
-                if entry.pins:
-                    self._pinned_bytes += entry.size
-                self._counters["written"] += 1
-                self._sink.admitted(item.key, item.num_tokens)
+                return
+            entry = _Entry(item.num_tokens, item.size, path, item.pins)
+            self._index[item.key] = entry
+            self._used += entry.size
+            if entry.pins:
+                self._pinned_bytes += entry.size
+            self._counters["written"] += 1
+            # indexed and taken out of _pending in one step: never in both, never in neither
             self._finish_locked(item, callbacks)
+            self._sink.admitted(item.key, item.num_tokens)
 
     def _write_file(self, item: _Pending) -> Path:
         """Write the chunk durably under its final name; returns that path."""
@@ -523,8 +533,6 @@ class LocalDiskBackend(StorageBackend):
         """The item has left the pipeline; its on_done runs once no reader holds its tensor."""
         if self._pending.get(item.key) is item:
             del self._pending[item.key]
-        if self._in_flight is item:
-            self._in_flight = None
         item.settled = True
         if item.readers == 0 and item.on_done is not None:
             callbacks.append(item.on_done)

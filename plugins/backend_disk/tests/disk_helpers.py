@@ -27,6 +27,13 @@ def data_for(i: int, shape: tuple[int, ...] = (2, 16, 64), dtype: torch.dtype = 
     return torch.randn(shape, generator=gen).to(dtype)
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (NaN payloads and -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
 def chunk_files(directory: Path) -> list[Path]:
     return sorted(directory.glob(f"*{CHUNK_SUFFIX}"))
 

@@ -18,6 +18,7 @@ from disk_helpers import (
     crash_tokens,
     data_for,
     key_of,
+    same_bits,
     temp_files,
     wait_until,
 )
@@ -25,12 +26,6 @@ from lmcache_core.errors import BackendError
 from lmcache_backend_disk import LocalDiskBackend
 
 HERE = Path(__file__).parent
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
-    )
 
 
 def flip_byte(path: Path, offset: int) -> None:

@@ -7,15 +7,8 @@ import threading
 import pytest
 import torch
 
-from disk_helpers import chunk_files, data_for, key_of
+from disk_helpers import chunk_files, data_for, key_of, same_bits
 from lmcache_backend_disk import LocalDiskBackend
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal dtype, shape and bytes (NaN payloads and -0.0 included)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
