@@ -123,6 +123,13 @@ def _is_fatal_on_connect(exc: BaseException) -> bool:
     return "authorization" in str(exc).lower()
 
 
+def _bus_error(action: str, exc: Exception) -> TransportError:
+    """Our error for a nats-py failure of ``action`` (a closed bus said plainly)."""
+    if isinstance(exc, nats.errors.ConnectionClosedError):
+        return TransportError(f"{action}: the NATS bus is closed")
+    return TransportError(f"{action}: {exc}")
+
+
 class NatsMessage(Message):
     """A message received from NATS; ``topic`` is relative to the bus prefix."""
 
@@ -375,10 +382,8 @@ class NatsBus(MessageBus):
                 f"cannot publish to {what}: {len(payload)} bytes exceed the server's "
                 f"max_payload ({self._nc.max_payload} bytes)"
             ) from exc
-        except nats.errors.ConnectionClosedError as exc:
-            raise TransportError(f"cannot publish to {what}: the NATS bus is closed") from exc
         except nats.errors.Error as exc:
-            raise TransportError(f"cannot publish to {what}: {exc}") from exc
+            raise _bus_error(f"cannot publish to {what}", exc) from exc
 
     async def request(self, topic: str, payload: bytes, timeout: float) -> bytes:
         subject = self.subject(topic)
@@ -390,10 +395,8 @@ class NatsBus(MessageBus):
             raise RequestTimeout(
                 f"no reply on '{topic}' (subject '{subject}') within {timeout:g}s"
             ) from exc
-        except nats.errors.ConnectionClosedError as exc:
-            raise TransportError(f"cannot request on '{topic}': the NATS bus is closed") from exc
         except nats.errors.Error as exc:
-            raise TransportError(f"request on '{topic}' failed: {exc}") from exc
+            raise _bus_error(f"cannot request on '{topic}'", exc) from exc
         return reply.data
 
     async def subscribe(self, topic: str, handler: Handler) -> Subscription:
@@ -414,10 +417,8 @@ class NatsBus(MessageBus):
                 pending_msgs_limit=_SUB_PENDING_MSGS,
                 pending_bytes_limit=_SUB_PENDING_BYTES,
             )
-        except nats.errors.ConnectionClosedError as exc:
-            raise TransportError(f"cannot subscribe to '{topic}': the NATS bus is closed") from exc
         except nats.errors.Error as exc:
-            raise TransportError(f"cannot subscribe to '{topic}': {exc}") from exc
+            raise _bus_error(f"cannot subscribe to '{topic}'", exc) from exc
         if self._nc.is_connected:
             # once the server confirms, a publish from another connection reaches this handler
             try:
