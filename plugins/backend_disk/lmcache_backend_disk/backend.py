@@ -42,7 +42,7 @@ from lmcache_backend_disk.chunkfile import (
     encode_header,
     file_name,
     read_header,
-    readinto_exact,
+    read_data,
     tensor_bytes,
 )
 
@@ -555,9 +555,7 @@ class LocalDiskBackend(StorageBackend):
         if header.key != key:
             raise CorruptChunkError(f"file holds key {header.key.to_string()!r}")
         tensor, raw = empty_for(header)
-        readinto_exact(f, raw)
-        if xxhash.xxh3_64_intdigest(raw) != header.data_checksum:
-            raise CorruptChunkError("data checksum mismatch")
+        read_data(f, raw, header.data_checksum)
         return tensor
 
     def _open_directory(self) -> None:
