@@ -113,11 +113,12 @@ def _mix(hashes: np.ndarray) -> np.ndarray:
 class _Table:
     """One linear-probing table of (mixed hash, incarnation, tokens) slots."""
 
-    __slots__ = ("cap", "keys", "hold", "toks", "end", "span", "used", "_cap64")
+    __slots__ = ("cap", "keys", "hold", "toks", "end", "span", "used", "_scale")
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self._cap64 = np.uint64(cap)
+        # home = floor(mixed * cap / 2**64), in float64: monotone in the mixed hash, never cap
+        self._scale = np.nextafter(cap / 2.0**64, 0.0)
         size = cap + _TAIL + _SPARE_TAIL
         # np.zeros maps fresh zero pages lazily: allocating a big table costs no time up front
         self.keys = np.zeros(size, dtype=np.uint64)
@@ -125,7 +126,8 @@ class _Table:
         self.toks = np.zeros(size, dtype=np.uint32)
         # per bucket of 8 home slots: one past the last slot any entry homed there occupies
         buckets = (cap >> _BUCKET_SHIFT) + 1
-        self.end = np.arange(buckets, dtype=np.int32) << _BUCKET_SHIFT
+        # (starting at the bucket's own end keeps every window non-empty: no clipping needed)
+        self.end = (np.arange(buckets, dtype=np.int32) + 1) << _BUCKET_SHIFT
         self.span = 0  # the largest end - bucket start: no key's entries lie further on
         self.used = 0
 
@@ -134,8 +136,8 @@ class _Table:
         return self.keys.nbytes + self.hold.nbytes + self.toks.nbytes + self.end.nbytes
 
     def home(self, mixed: np.ndarray) -> np.ndarray:
-        """Home slots; monotone in the mixed hash (top 32 bits scaled to the capacity)."""
-        return (((mixed >> np.uint64(32)) * self._cap64) >> np.uint64(32)).astype(np.intp)
+        """Home slots: the mixed hash scaled to the capacity, so monotone in it."""
+        return (mixed.astype(np.float64) * self._scale).astype(np.intp)
 
     def _grow_tail(self, needed_len: int) -> None:
         # a run reached the end of the arrays (a huge cluster at the top of the hash range)
@@ -159,7 +161,6 @@ class _Table:
         query key repeated to match). ``take`` is used throughout: it is the fast gather."""
         start = self.home(mixed)
         lens = self.end.take(start >> _BUCKET_SHIFT) - start
-        np.maximum(lens, 0, out=lens)
         ends = np.cumsum(lens)
         total = int(ends[-1]) if len(ends) else 0
         slots = np.repeat(start - ends + lens, lens)
@@ -543,7 +544,22 @@ class KVIndex:
     def lookup(self, hashes: np.ndarray) -> dict[int, np.ndarray]:
         """For each holder holding any of ``hashes``: a bool mask of which ones it holds."""
         keys = _as_hashes(hashes)
+        n = len(keys)
         mixed = _mix(keys)
+        if self._old is None and self._next_row * n <= _DENSE_MASK_LIMIT and n:
+            # the common case in as few numpy calls as possible: every window slot marks
+            # its holder's mask cell, and slots of other keys are sent to row 0
+            table = self._table
+            slots, rows, wanted = table.windows(mixed)
+            owner = self._row_of.take(table.hold.take(slots))
+            owner *= table.keys.take(slots) == wanted
+            owner *= n
+            owner += rows
+            masks = np.zeros((self._next_row, n), dtype=bool)
+            masks.reshape(-1)[owner] = True
+            masks[0] = False
+            held = np.flatnonzero(masks.any(axis=1))
+            return dict(zip(self._row_holder.take(held).tolist(), masks[held]))
         if self._old is None:
             rows, incs = self._table.find_all(mixed)
         else:
@@ -556,24 +572,22 @@ class KVIndex:
             incs = np.concatenate([f[1] for f in found])
         if not rows.size:
             return {}
-        n = len(keys)
         owner = self._row_of.take(incs)  # empty slots, tombstones and dead incarnations: row 0
-        held = np.bincount(owner, minlength=1)
-        held[0] = 0
-        held = np.flatnonzero(held)
-        if self._next_row * n > _DENSE_MASK_LIMIT:
-            # a long query: lay the masks out for the holders that hit only
-            live = owner > 0
-            compact = np.zeros(self._next_row, dtype=np.intp)
-            compact[held] = np.arange(len(held))
-            owner, rows = compact[owner[live]], rows[live]
-            masks = np.zeros((len(held), n), dtype=bool)
-            masks[owner, rows] = True
-        else:
-            masks = np.zeros(self._next_row * n, dtype=bool)
-            masks[owner * n + rows] = True
-            masks = masks.reshape(-1, n)[held]
-        return dict(zip(self._row_holder[held].tolist(), masks))
+        if self._next_row * n <= _DENSE_MASK_LIMIT:
+            owner *= n
+            owner += rows
+            masks = np.zeros((self._next_row, n), dtype=bool)
+            masks.reshape(-1)[owner] = True
+            masks[0] = False
+            held = np.flatnonzero(masks.any(axis=1))
+            return dict(zip(self._row_holder.take(held).tolist(), masks[held]))
+        # a long query: lay the masks out for the holders that hit only
+        live = np.flatnonzero(owner)
+        owner, rows = owner[live], rows[live]
+        held, owner = np.unique(owner, return_inverse=True)
+        masks = np.zeros((len(held), n), dtype=bool)
+        masks[owner, rows] = True
+        return dict(zip(self._row_holder.take(held).tolist(), masks))
 
     @property
     def rebuilding(self) -> bool:
