@@ -104,3 +104,21 @@ def test_non_contiguous_tensor_is_stored_in_logical_order(backend: LocalDiskBack
     assert backend.flush(timeout=30)
     with backend.get(key_of(9)) as view:
         assert same_bits(view.tensor, data.contiguous())
+
+
+def test_key_too_long_for_a_file_name_still_round_trips_and_reindexes(
+    make_backend, disk_dir
+) -> None:
+    key = key_of(77, model="org/" + "very-long-model-name-" * 20)
+    assert len(key.to_string()) > 255  # longer than most filesystems allow in one name
+    backend = make_backend()
+    assert backend.put(key, data_for(77), 16)
+    assert backend.flush(timeout=30)
+    (path,) = chunk_files(disk_dir)
+    assert len(path.name.encode()) < 255
+    backend.close()
+
+    reopened = make_backend()
+    assert reopened.inventory() == [(key, 16)]
+    with reopened.get(key) as view:
+        assert same_bits(view.tensor, data_for(77))
