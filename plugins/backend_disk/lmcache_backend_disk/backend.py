@@ -100,7 +100,10 @@ def _touch(fd: int) -> None:
     """Stamp the file's mtime with the exact time: it records the LRU order across restarts
     (the kernel's own timestamps are only as fine as a clock tick, too coarse to order by)."""
     now = time.time_ns()
-    os.utime(fd, ns=(now, now))
+    try:
+        os.utime(fd, ns=(now, now))
+    except OSError:
+        pass  # a read-only directory still serves its chunks; only the LRU hint is lost
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -154,6 +157,7 @@ class LocalDiskBackend(StorageBackend):
         self._queue: collections.deque[_Pending] = collections.deque()
         self._in_flight: _Pending | None = None
         self._used = 0
+        self._tokens = 0
         self._reserved = 0  # bytes the writer has made room for but not yet indexed
         self._pinned_bytes = 0
         self._closing = False
@@ -267,8 +271,12 @@ class LocalDiskBackend(StorageBackend):
             try:
                 # opened under the lock so an eviction cannot delete it between lookup and open
                 f = open(entry.path, "rb", buffering=0)
-            except OSError as exc:
-                self._drop_bad_entry_locked(key, entry, f"cannot open: {exc.strerror}")
+            except FileNotFoundError:
+                self._drop_bad_entry_locked(key, entry, "the file is gone")
+                return None
+            except OSError as exc:  # e.g. out of file descriptors: the file itself may be fine
+                logger.warning("LocalDiskBackend cannot open %s: %s", entry.path, exc.strerror)
+                self._counters["misses"] += 1
                 return None
         try:
             with f:
@@ -321,7 +329,7 @@ class LocalDiskBackend(StorageBackend):
                 self._delete_entry_locked(key, entry)
                 tokens += entry.num_tokens
             self._index.clear()
-            # files a crashed writer renamed but nobody indexed would otherwise linger forever
+            # chunk files nobody indexed (copied in by hand, a failed delete) go too
             for path in self.directory.glob(f"*{CHUNK_SUFFIX}"):
                 _unlink_quietly(path)
             self._sync_directory()
@@ -361,7 +369,7 @@ class LocalDiskBackend(StorageBackend):
                 "location": self.location,
                 "directory": str(self.directory),
                 "chunks": len(self._index),
-                "tokens": sum(entry.num_tokens for entry in self._index.values()),
+                "tokens": self._tokens,
                 "used_bytes": self._used,
                 "capacity_bytes": self.capacity_bytes,
                 "capacity_auto": self.capacity_auto,
@@ -451,6 +459,7 @@ class LocalDiskBackend(StorageBackend):
             entry = _Entry(item.num_tokens, item.size, path, item.pins)
             self._index[item.key] = entry
             self._used += entry.size
+            self._tokens += entry.num_tokens
             if entry.pins:
                 self._pinned_bytes += entry.size
             self._counters["written"] += 1
@@ -506,6 +515,7 @@ class LocalDiskBackend(StorageBackend):
     def _delete_entry_locked(self, key: ChunkKey, entry: _Entry) -> None:
         """Forget an entry already taken out of the index and delete its file."""
         self._used -= entry.size
+        self._tokens -= entry.num_tokens
         if entry.pins:
             self._pinned_bytes -= entry.size
         _unlink_quietly(entry.path)
@@ -626,6 +636,7 @@ class LocalDiskBackend(StorageBackend):
         for _, _, key, entry in found:
             self._index[key] = entry
             self._used += entry.size
+            self._tokens += entry.num_tokens
         return [(key, entry) for _, _, key, entry in found]
 
     def _shrink_to_capacity(self) -> None:

@@ -187,3 +187,14 @@ def test_sigkill_mid_write_leaves_only_complete_bit_exact_chunks(
             assert same_bits(view.tensor, data_for(i, CRASH_SHAPE)), f"chunk {i} differs"
     assert reopened.stats()["corrupt"] == 0
     assert reopened.stats()["temp_files_removed"] == len(torn)
+
+
+def test_file_deleted_behind_the_backends_back_is_a_miss_and_leaves_the_index(
+    backend: LocalDiskBackend, disk_dir: Path, events: Events
+) -> None:
+    fill(backend, range(1))
+    (disk_dir / (key_of(0).to_string() + ".kvchunk")).unlink()
+
+    assert backend.get(key_of(0)) is None
+    assert backend.inventory() == [] and backend.stats()["used_bytes"] == 0
+    assert events.kinds() == ["ADMIT", "EVICT"]

@@ -151,4 +151,5 @@ def test_concurrent_puts_gets_and_removes_keep_index_and_files_consistent(
     stats = backend.stats()
     files = chunk_files(disk_dir)
     assert stats["chunks"] == len(files) == len(backend.inventory())
+    assert stats["tokens"] == sum(tokens for _, tokens in backend.inventory())
     assert stats["used_bytes"] == sum(p.stat().st_size for p in files) <= stats["capacity_bytes"]
