@@ -45,7 +45,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _EMPTY = 0  # holder value of a never-used slot
 _TOMB = 1  # holder value of an evicted entry
 _FIRST_INCARNATION = 2
-_BUCKET_SHIFT = 3  # 8 slots share one reach value
+_BUCKET_SHIFT = 2  # 4 home slots share one window end
 _MIN_CAPACITY = 1024
 _MAX_LOAD = 0.7  # used slots (live + garbage) per home slot before a rebuild starts
 _TARGET_LOAD = 0.5  # live entries per home slot right after a rebuild
@@ -124,7 +124,7 @@ class _Table:
         self.keys = np.zeros(size, dtype=np.uint64)
         self.hold = np.zeros(size, dtype=np.uint32)
         self.toks = np.zeros(size, dtype=np.uint32)
-        # per bucket of 8 home slots: one past the last slot any entry homed there occupies
+        # per bucket of 4 home slots: one past the last slot any entry homed there occupies
         buckets = (cap >> _BUCKET_SHIFT) + 1
         # (starting at the bucket's own end keeps every window non-empty: no clipping needed)
         self.end = (np.arange(buckets, dtype=np.int32) + 1) << _BUCKET_SHIFT
@@ -187,33 +187,40 @@ class _Table:
         home = self.home(mixed)
         pos = home.copy()
         placed = np.empty(n, dtype=np.intp)
-        active = np.arange(n)
+        active = _ramp(n)
         width = _PROBE
         while active.size:
+            at = pos.take(active)
             # few rows need a second round; those that do sit in long runs, so look further
-            reach = int(pos[active].max()) + width + _TAIL
+            reach = int(at.max()) + width + _TAIL
             if reach >= len(self.keys):
                 self._grow_tail(reach)
-            at = pos[active]
-            free = self.hold[at[:, None] + _RAMP[:width]] == _EMPTY
+            free = self.hold.take(at[:, None] + _RAMP[:width]) == _EMPTY
             has = free.any(axis=1)
             moving = active[~has]
             pos[moving] += width
             cand = active[has]
             slot = at[has] + free[has].argmax(axis=1)
-            # several candidates may want one free slot: each writes its row number into the
-            # (still unused) token cell and whoever's number stays there wins the slot
-            tag = cand.astype(np.uint32)
-            self.toks[slot] = tag
-            won = self.toks[slot] == tag
-            win_rows, win_slots = cand[won], slot[won]
-            self.keys[win_slots] = mixed[win_rows]
+            ordered = np.sort(slot)
+            if (ordered[1:] != ordered[:-1]).all():
+                won = None  # no two candidates want one slot: all win (the usual case)
+                win_rows, win_slots = cand, slot
+            else:
+                # several want one slot: each writes its row number into the (still unused)
+                # token cell, and whoever's number stays there wins the slot
+                tag = cand.astype(np.uint32)
+                self.toks[slot] = tag
+                won = self.toks.take(slot) == tag
+                win_rows, win_slots = cand[won], slot[won]
+            self.keys[win_slots] = mixed.take(win_rows)
             self.hold[win_slots] = inc
-            self.toks[win_slots] = toks[win_rows]
+            self.toks[win_slots] = toks.take(win_rows)
             placed[win_rows] = win_slots
-            lost = ~won
-            pos[cand[lost]] = slot[lost]  # now taken: look again from there
-            active = np.concatenate([moving, cand[lost]])
+            if won is not None:
+                lost = ~won
+                pos[cand[lost]] = slot[lost]  # now taken: look again from there
+                moving = np.concatenate([moving, cand[lost]])
+            active = moving
             width = min(width * 2, _MAX_PROBE)
         self.used += n
         self._note_placed(home, placed)
@@ -239,7 +246,7 @@ class _Table:
         """
         home = self.home(mixed)
         order = np.argsort(home, kind="stable")  # old-table order is nearly sorted already
-        home, mixed, incs, toks = home[order], mixed[order], incs[order], toks[order]
+        home, mixed, incs, toks = home.take(order), mixed.take(order), incs.take(order), toks.take(order)
         n = len(home)
         first_free = self.first_empty(int(home[0]))
         ramp = np.arange(n, dtype=np.intp)
@@ -655,10 +662,10 @@ class KVIndex:
         if stop < len(old.keys):
             stop = old.first_empty(stop - 1) + 1  # end regions on an empty slot: runs stay whole
         incs = old.hold[start:stop]
-        live = np.flatnonzero(self._row_of[incs])
+        live = np.flatnonzero(self._row_of.take(incs))
         if live.size:
             self._table.place_sorted_run(
-                old.keys[start:stop][live], incs[live], old.toks[start:stop][live]
+                old.keys[start:stop].take(live), incs.take(live), old.toks[start:stop].take(live)
             )
         self._moved_to = stop
         if stop >= len(old.keys):
