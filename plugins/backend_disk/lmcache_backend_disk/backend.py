@@ -391,17 +391,12 @@ class LocalDiskBackend(StorageBackend):
     def close(self) -> None:
         """Write what is queued, stop the writer thread and release the directory."""
         with self._cond:
-            if self._closing:
-                already = True
-            else:
-                already = False
-                self._closing = True
-                self._cond.notify_all()
-        if already:
-            self._writer.join()
-            return
+            first = not self._closing
+            self._closing = True
+            self._cond.notify_all()
         self._writer.join()
-        self._release_directory()
+        if first:
+            self._release_directory()
 
     def __repr__(self) -> str:
         return f"LocalDiskBackend({str(self.directory)!r}, capacity_bytes={self.capacity_bytes})"
