@@ -8,18 +8,21 @@ Layout (why it is not a ``dict`` of ``set``s: 10M entries must fit in ~40 bytes 
 batch must be applied with a handful of numpy calls, not one Python step per entry):
 
 * one open-addressing table with linear probing, three parallel arrays per slot (the mixed
-  chunk hash ``u64``, the holder *incarnation* ``u32``, the chunk's tokens ``u32``): 16 bytes
-  a slot. All holders of one hash share a home slot, so they sit in one run of the table;
-* slots are only ever written, never emptied: an evicted entry becomes a tombstone, so runs
-  never break and a probe never needs to look past an empty slot;
-* a per-bucket *reach* (``hint``) records how far past the start of each 8-slot bucket the
-  entries homed there have been pushed, so every search reads exactly one window per key;
+  chunk hash ``u64``, the holder *incarnation* ``u32``, the chunk's tokens ``u32``) plus one
+  ``i32`` per 4 slots: 16.5 bytes a slot, kept between 50% and 70% full (24-33 bytes an entry).
+  All holders of one hash share a home slot, so they sit in one run of the table;
+* slots are never emptied in place: an evicted entry becomes a tombstone. So every entry lies
+  between its home and the first empty slot after it, and one probe both finds an entry and
+  finds where a new one goes;
+* per bucket of 4 home slots, ``end`` records one past the furthest slot any entry homed there
+  was pushed to, so a search reads exactly one window per key, cut with ``np.repeat``;
 * clearing or removing a holder retires its incarnation (O(1)); the dead entries, like
   tombstones, stay until the table is rebuilt;
 * the rebuild (growing, shrinking or dropping garbage) is incremental: a fresh table is filled
   region by region on later mutating calls, while keys are routed to whichever table holds
-  their home range. The home of a key is monotone in its mixed hash, so a region's entries land
-  in the new table in one sorted, vectorized placement without probing.
+  their home range. The home of a key is monotone in its mixed hash (the hash scaled to the
+  capacity), so a region's entries land in the new table in one sorted, vectorized placement
+  without probing.
 """
 
 from __future__ import annotations
@@ -54,10 +57,9 @@ _TAIL = 64  # slots kept empty at the end of the arrays, so probe windows never 
 _SPARE_TAIL = 1024  # extra slots past the tail, so a growing run rarely forces a reallocation
 _PROBE = 16  # slots read in the first probing round when looking for an empty slot
 _MAX_PROBE = 1 << 12  # later rounds double the width up to this
-_RAMP = np.arange(_MAX_PROBE)
 _MIGRATE_MIN_SLOTS = 1 << 16  # old-table slots moved per mutating call during a rebuild
 _OLD_LOAD_LIMIT = 0.85  # the table being moved still takes admits for its part, up to this load
-_MAX_SHRINK = 12  # a rebuild's new capacity is at least this fraction of the old table
+_MAX_SHRINK = 12  # a rebuild's new capacity is at least 1/12 of the old table's size
 _U32_MAX = (1 << 32) - 1
 _DENSE_MASK_LIMIT = 1 << 20  # lookups lay out one mask per holder row up to this many cells
 
@@ -156,16 +158,19 @@ class _Table:
             if self.cap + span + _TAIL > len(self.keys):
                 self._grow_tail(self.cap + span + _TAIL)
 
-    def windows(self, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every slot that can hold an entry for each key: (slots, each slot's query row, the
-        query key repeated to match). ``take`` is used throughout: it is the fast gather."""
+    def windows(
+        self, mixed: np.ndarray, row_stride: int = 1
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every slot that can hold an entry for each key: (slots, each slot's query row times
+        ``row_stride``, the query key repeated to match). ``take`` is the fast gather."""
         start = self.home(mixed)
         lens = self.end.take(start >> _BUCKET_SHIFT) - start
         ends = np.cumsum(lens)
         total = int(ends[-1]) if len(ends) else 0
         slots = np.repeat(start - ends + lens, lens)
         slots += _ramp(total)
-        return slots, np.repeat(_ramp(len(mixed)), lens), np.repeat(mixed, lens)
+        rows = _ramp(len(mixed)) if row_stride == 1 else _ramp(len(mixed)) * row_stride
+        return slots, np.repeat(rows, lens), np.repeat(mixed, lens)
 
     def find(self, mixed: np.ndarray, inc: int) -> np.ndarray:
         """The slot holding each (key, ``inc``) pair, or -1; keys must be distinct."""
@@ -195,7 +200,7 @@ class _Table:
             reach = int(at.max()) + width + _TAIL
             if reach >= len(self.keys):
                 self._grow_tail(reach)
-            free = self.hold.take(at[:, None] + _RAMP[:width]) == _EMPTY
+            free = self.hold.take(at[:, None] + _ramp(width)) == _EMPTY
             has = free.any(axis=1)
             moving = active[~has]
             pos[moving] += width
@@ -557,16 +562,16 @@ class KVIndex:
             # the common case in as few numpy calls as possible: every window slot marks
             # its holder's mask cell, and slots of other keys are sent to row 0
             table = self._table
-            slots, rows, wanted = table.windows(mixed)
+            width = self._next_row
+            slots, cells, wanted = table.windows(mixed, row_stride=width)
             owner = self._row_of.take(table.hold.take(slots))
             owner *= table.keys.take(slots) == wanted
-            owner *= n
-            owner += rows
-            masks = np.zeros((self._next_row, n), dtype=bool)
-            masks.reshape(-1)[owner] = True
-            masks[0] = False
-            held = np.flatnonzero(masks.any(axis=1))
-            return dict(zip(self._row_holder.take(held).tolist(), masks[held]))
+            owner += cells  # the cell (query row, holder row) of a (query, holder) x-by-n grid
+            grid = np.zeros((n, width), dtype=bool)
+            grid.reshape(-1)[owner] = True
+            grid[:, 0] = False
+            held = np.flatnonzero(grid.any(axis=0))
+            return dict(zip(self._row_holder.take(held).tolist(), grid.T[held]))
         if self._old is None:
             rows, incs = self._table.find_all(mixed)
         else:
