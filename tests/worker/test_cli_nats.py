@@ -155,3 +155,16 @@ def test_watch_prints_decoded_event_batches_and_heartbeats(setup, capsys) -> Non
             watch.kill()
     assert (message["type"], message["location"], message["reset"]) == ("events", "LocalDiskBackend", True)
     assert message["counts"]["admit"] == 1 and message["events"][0]["tokens"] == 12
+
+
+def test_instance_without_a_controller_exits_2_after_its_ready_timeout(setup) -> None:
+    # another subject prefix on the same server: nobody answers its registration
+    env = {**setup["env"], "LMCACHE_NATS_SUBJECT_PREFIX": "nobody_here"}
+    del env["LMCACHE_LOCAL_DISK"]  # CPU only: the running instance owns that directory
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "instance.py"), "--ready-timeout", "1"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert "no controller accepted the registration within 1s" in result.stderr
+    assert "Traceback" not in result.stderr
