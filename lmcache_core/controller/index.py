@@ -158,19 +158,16 @@ class _Table:
             if self.cap + span + _TAIL > len(self.keys):
                 self._grow_tail(self.cap + span + _TAIL)
 
-    def windows(
-        self, mixed: np.ndarray, row_stride: int = 1
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every slot that can hold an entry for each key: (slots, each slot's query row times
-        ``row_stride``, the query key repeated to match). ``take`` is the fast gather."""
+    def windows(self, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every slot that can hold an entry for each key: (slots, each slot's query row, the
+        query key repeated to match). ``take`` is the fast gather."""
         start = self.home(mixed)
         lens = self.end.take(start >> _BUCKET_SHIFT) - start
         ends = np.cumsum(lens)
         total = int(ends[-1]) if len(ends) else 0
         slots = np.repeat(start - ends + lens, lens)
         slots += _ramp(total)
-        rows = _ramp(len(mixed)) if row_stride == 1 else _ramp(len(mixed)) * row_stride
-        return slots, np.repeat(rows, lens), np.repeat(mixed, lens)
+        return slots, np.repeat(_ramp(len(mixed)), lens), np.repeat(mixed, lens)
 
     def find(self, mixed: np.ndarray, inc: int) -> np.ndarray:
         """The slot holding each (key, ``inc``) pair, or -1; keys must be distinct."""
@@ -555,22 +552,33 @@ class KVIndex:
 
     def lookup(self, hashes: np.ndarray) -> dict[int, np.ndarray]:
         """For each holder holding any of ``hashes``: a bool mask of which ones it holds."""
-        keys = _as_hashes(hashes)
+        if type(hashes) is np.ndarray and hashes.dtype == np.uint64 and hashes.ndim == 1:
+            keys = hashes  # the usual call: skip the checks' function call
+        else:
+            keys = _as_hashes(hashes)
         n = len(keys)
-        mixed = _mix(keys)
+        mixed = keys * _GOLDEN
         if self._old is None and self._next_row * n <= _DENSE_MASK_LIMIT and n:
-            # the common case in as few numpy calls as possible: every window slot marks
-            # its holder's mask cell, and slots of other keys are sent to row 0
+            # the common case in as few numpy calls as possible (Table.windows, inlined): every
+            # window slot marks one cell of a (query, holder row) grid, and slots of other keys
+            # or of dead holders mark holder row 0, which is then dropped
             table = self._table
             width = self._next_row
-            slots, cells, wanted = table.windows(mixed, row_stride=width)
-            owner = self._row_of.take(table.hold.take(slots))
-            owner *= table.keys.take(slots) == wanted
-            owner += cells  # the cell (query row, holder row) of a (query, holder) x-by-n grid
+            start = table.home(mixed)
+            lens = table.end.take(start >> _BUCKET_SHIFT)
+            lens -= start
+            ends = lens.cumsum()
+            base = start - ends
+            base += lens
+            slots = base.repeat(lens)
+            slots += _ramp(int(ends[-1]))
+            cell = self._row_of.take(table.hold.take(slots))
+            cell *= table.keys.take(slots) == mixed.repeat(lens)
+            cell += (_ramp(n) * width).repeat(lens)
             grid = np.zeros((n, width), dtype=bool)
-            grid.reshape(-1)[owner] = True
+            grid.reshape(-1)[cell] = True
             grid[:, 0] = False
-            held = np.flatnonzero(grid.any(axis=0))
+            held = grid.any(axis=0).nonzero()[0]
             return dict(zip(self._row_holder.take(held).tolist(), grid.T[held]))
         if self._old is None:
             rows, incs = self._table.find_all(mixed)
