@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from anyio.from_thread import start_blocking_portal  # noqa: E402
-
 from _report import print_table, verdict  # noqa: E402
+from anyio.from_thread import start_blocking_portal  # noqa: E402
 from bench_nats_baseline import measure_pubsub_rate  # noqa: E402
+
 from lmcache_core.config import load_settings  # noqa: E402
 from lmcache_core.engine import CacheEngine, EngineMetadata  # noqa: E402
 from lmcache_core.events import EventBus, EventKind, KVEvent  # noqa: E402
@@ -86,13 +85,24 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=1_000_000, help="events per measurement")
     args = parser.parse_args()
     n = args.events
-    keys = [ChunkKey("bench-model", 1, 0, "bfloat16", (i * 0x9E3779B97F4A7C15) % 2**64) for i in range(4096)]
+    keys = [
+        ChunkKey("bench-model", 1, 0, "bfloat16", (i * 0x9E3779B97F4A7C15) % 2**64)
+        for i in range(4096)
+    ]
 
-    with running_nats_server() as server, tempfile.TemporaryDirectory() as tmp, start_blocking_portal() as portal:
+    with (
+        running_nats_server() as server,
+        start_blocking_portal() as portal,
+    ):
         pm = get_plugin_manager()
         settings = load_settings(
-            pm, config_file=None, enable_controller=True, controller_url=server.url,
-            max_local_cpu_size=0.01, local_disk=None, worker_heartbeat_interval=1.0,
+            pm,
+            config_file=None,
+            enable_controller=True,
+            controller_url=server.url,
+            max_local_cpu_size=0.01,
+            local_disk=None,
+            worker_heartbeat_interval=1.0,
         )
         batch_size = settings.worker_event_batch_size
         counter = EventCounter()
@@ -108,7 +118,9 @@ def main() -> int:
                 while not worker.connected and time.monotonic() < deadline:
                     worker.sync(0.5)  # returns at once when not connected; bounded by the deadline
                 # 1. worker capacity: events queued exactly as the engine's callback queues them
-                queued = [KVEvent(EventKind.ADMIT, LOCATION, keys[i & 4095], 256, i + 1) for i in range(n)]
+                queued = [
+                    KVEvent(EventKind.ADMIT, LOCATION, keys[i & 4095], 256, i + 1) for i in range(n)
+                ]
                 counter.expect(n)
                 start = time.perf_counter()
                 worker._pending.extend(queued)
@@ -122,7 +134,6 @@ def main() -> int:
                 start = time.perf_counter()
                 for i in range(n):
                     admitted(keys[i & 4095], 256)
-                emitted = time.perf_counter() - start
                 assert counter.wait(120), f"received {counter.count} of {n}"
                 end_to_end = n / (time.perf_counter() - start)
             finally:
@@ -131,19 +142,42 @@ def main() -> int:
         ceiling = engine_emit_rate(n, keys)
 
         sample = EventBatch.build(
-            worker.identity, LOCATION, 1,
-            *([EventKind.ADMIT] * batch_size, [k.chunk_hash for k in keys[:batch_size]], [256] * batch_size),
+            worker.identity,
+            LOCATION,
+            1,
+            *(
+                [EventKind.ADMIT] * batch_size,
+                [k.chunk_hash for k in keys[:batch_size]],
+                [256] * batch_size,
+            ),
         ).encode()
         raw = measure_pubsub_rate(server.url, messages=2000, payload_size=len(sample))
         raw_events = raw.messages_per_s * batch_size
 
     print_table(
-        f"Worker event throughput ({n:,} events, batches of {batch_size}, {len(sample):,}-byte messages)",
+        f"Worker event throughput ({n:,} events, batches of {batch_size}, "
+        f"{len(sample):,}-byte messages)",
         [
-            ("worker capacity (queued -> received)", f"{capacity / 1e6:.2f} M/s", verdict(capacity > 1e6) + " (target > 1M/s)"),
-            ("baseline: raw NATS pub/sub, same size", f"{raw_events / 1e6:.2f} M/s", f"{raw.messages_per_s:,.0f} msg/s; ratio {capacity / raw_events:.2f}"),
-            ("end to end (engine emit -> received)", f"{end_to_end / 1e6:.2f} M/s", f"ratio to engine emit alone {end_to_end / ceiling:.2f}"),
-            ("engine emit alone (no worker)", f"{ceiling / 1e6:.2f} M/s", "the engine's EventBus is the ceiling here"),
+            (
+                "worker capacity (queued -> received)",
+                f"{capacity / 1e6:.2f} M/s",
+                verdict(capacity > 1e6) + " (target > 1M/s)",
+            ),
+            (
+                "baseline: raw NATS pub/sub, same size",
+                f"{raw_events / 1e6:.2f} M/s",
+                f"{raw.messages_per_s:,.0f} msg/s; ratio {capacity / raw_events:.2f}",
+            ),
+            (
+                "end to end (engine emit -> received)",
+                f"{end_to_end / 1e6:.2f} M/s",
+                f"ratio to engine emit alone {end_to_end / ceiling:.2f}",
+            ),
+            (
+                "engine emit alone (no worker)",
+                f"{ceiling / 1e6:.2f} M/s",
+                "the engine's EventBus is the ceiling here",
+            ),
         ],
     )
     return 0

@@ -53,21 +53,32 @@ def kv_for(tokens: Sequence[int], num_layers: int, hidden: int) -> torch.Tensor:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo-model", help="model name (part of every chunk key)")
+    parser.add_argument(
+        "--model", default="demo-model", help="model name (part of every chunk key)"
+    )
     parser.add_argument("--world-size", type=int, default=1, help="tensor-parallel world size")
-    parser.add_argument("--worker-id", type=int, default=0, help="this process's tensor-parallel rank")
+    parser.add_argument(
+        "--worker-id", type=int, default=0, help="this process's tensor-parallel rank"
+    )
     parser.add_argument(
         "--tokens", type=parse_tokens, default=DEFAULT_PROMPT, help="token ids to store, e.g. 1,2,3"
     )
     parser.add_argument(
-        "--store-random", type=int, default=0, metavar="N",
+        "--store-random",
+        type=int,
+        default=0,
+        metavar="N",
         help="also store N chunks of a seeded random token sequence (for load tests)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --store-random")
     parser.add_argument("--num-layers", type=int, default=2, help="layers of the stored KV tensors")
-    parser.add_argument("--hidden", type=int, default=64, help="last dimension of the stored KV tensors")
     parser.add_argument(
-        "--ready-timeout", type=float, default=60.0,
+        "--hidden", type=int, default=64, help="last dimension of the stored KV tensors"
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=60.0,
         help="seconds to wait for the controller to accept the registration",
     )
     parser.add_argument("--log-level", default="WARNING", help="Python log level on stderr")
@@ -105,7 +116,9 @@ def _serve(
         random_tokens = rng.integers(0, 128_000, size=args.store_random * engine.chunk_size)
         stored += engine.store(
             random_tokens,
-            chunk_fn=lambda start, end: kv_for(random_tokens[start:end].tolist(), args.num_layers, args.hidden),
+            chunk_fn=lambda start, end: kv_for(
+                random_tokens[start:end].tolist(), args.num_layers, args.hidden
+            ),
         )
     engine.flush()
     if worker is not None:

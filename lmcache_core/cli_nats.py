@@ -57,7 +57,9 @@ def parse_tokens(text: str) -> list[int]:
     try:
         tokens = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not tokens:
         raise argparse.ArgumentTypeError("expected at least one token id")
     return tokens
@@ -70,7 +72,9 @@ def _positive(text: str) -> float:
     return value
 
 
-def _connect_and_run(args: argparse.Namespace, body: Callable[[MessageBus, Any], Awaitable[int]]) -> int:
+def _connect_and_run(
+    args: argparse.Namespace, body: Callable[[MessageBus, Any], Awaitable[int]]
+) -> int:
     """Load settings, connect to the bus, run ``body(bus, settings)``; the bus is closed after."""
     from lmcache_core.config import load_settings
     from lmcache_core.plugins import get_plugin_manager, resolve_transport
@@ -118,7 +122,9 @@ async def _command(
     try:
         return CommandReply.decode(payload)
     except ValueError as exc:
-        raise LMCacheError(f"instance '{instance}' rank {rank} sent an unreadable reply: {exc}") from None
+        raise LMCacheError(
+            f"instance '{instance}' rank {rank} sent an unreadable reply: {exc}"
+        ) from None
 
 
 async def _ranks(bus: MessageBus, args: argparse.Namespace) -> list[int]:
@@ -130,7 +136,9 @@ async def _ranks(bus: MessageBus, args: argparse.Namespace) -> list[int]:
     return list(range(world))
 
 
-async def _each_rank(bus: MessageBus, args: argparse.Namespace, command: Command) -> list[CommandReply]:
+async def _each_rank(
+    bus: MessageBus, args: argparse.Namespace, command: Command
+) -> list[CommandReply]:
     """Send ``command`` to every addressed rank concurrently; raise if any of them refused it."""
     ranks = await _ranks(bus, args)
     replies: dict[int, CommandReply] = {}
@@ -180,7 +188,10 @@ def _cmd_clear(args: argparse.Namespace) -> int:
     async def body(bus: MessageBus, settings: Any) -> int:
         replies = await _each_rank(bus, args, ClearCommand(location=args.location))
         total = sum(reply.num_tokens or 0 for reply in replies)
-        lines = [f"{args.instance}/{r.worker_id}: cleared {r.num_tokens} tokens from {args.location}" for r in replies]
+        lines = [
+            f"{args.instance}/{r.worker_id}: cleared {r.num_tokens} tokens from {args.location}"
+            for r in replies
+        ]
         data = {
             "instance_id": args.instance,
             "location": args.location,
@@ -198,7 +209,9 @@ def _cmd_clear(args: argparse.Namespace) -> int:
 
 def _cmd_workers(args: argparse.Namespace) -> int:
     async def body(bus: MessageBus, settings: Any) -> int:
-        listen = args.listen if args.listen is not None else 2 * settings.worker_heartbeat_interval + 0.2
+        listen = (
+            args.listen if args.listen is not None else 2 * settings.worker_heartbeat_interval + 0.2
+        )
         beats: dict[tuple[str, int], Heartbeat] = {}
 
         async def on_beat(msg: Message) -> None:
@@ -250,9 +263,15 @@ def _cmd_workers(args: argparse.Namespace) -> int:
             print(f"no workers heard on {args.url} within {listen:g}s", flush=True)
         else:
             for row in rows:
-                where = ", ".join(f"{loc}={row['chunks'].get(loc, 0)} chunks" for loc in row["locations"])
+                where = ", ".join(
+                    f"{loc}={row['chunks'].get(loc, 0)} chunks" for loc in row["locations"]
+                )
                 who = f"{row['instance_id']}/{row['worker_id']}"
-                extra = f" model={row['model_name']} host={row['host']} pid={row['pid']}" if row["model_name"] else ""
+                extra = (
+                    f" model={row['model_name']} host={row['host']} pid={row['pid']}"
+                    if row["model_name"]
+                    else ""
+                )
                 print(f"{who}: {where}{extra}", flush=True)
         return 0
 
@@ -268,7 +287,7 @@ def describe_batch(batch: EventBatch, verbose: bool) -> tuple[dict[str, Any], st
     counts = {name: int(np.count_nonzero(kinds == value)) for value, name in _KIND_NAMES.items()}
     events = [
         {"kind": _KIND_NAMES.get(int(k), str(int(k))), "hash": f"{int(h):016x}", "tokens": int(t)}
-        for k, h, t in zip(kinds, hashes, tokens)
+        for k, h, t in zip(kinds, hashes, tokens, strict=True)
     ]
     data = {
         "type": "events",
@@ -349,18 +368,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``lmcache nats`` and its subcommands to the ``lmcache`` parser."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--url", default=None,
+        "--url",
+        default=None,
         help=f"message bus address (default: controller_url from the settings, else {DEFAULT_URL})",
     )
     common.add_argument("--json", action="store_true", help="machine-readable JSON output")
     common.add_argument(
-        "--timeout", type=_positive, default=None,
+        "--timeout",
+        type=_positive,
+        default=None,
         help="seconds to wait for a worker's answer (default: controller_command_timeout)",
     )
     targeted = argparse.ArgumentParser(add_help=False)
     targeted.add_argument("--instance", required=True, help="lmcache_instance_id of the instance")
     targeted.add_argument(
-        "--worker", type=int, default=None, help="one rank only (default: every rank of the instance)"
+        "--worker",
+        type=int,
+        default=None,
+        help="one rank only (default: every rank of the instance)",
     )
 
     nats = subparsers.add_parser(
@@ -373,20 +398,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     workers = sub.add_parser("workers", parents=[common], help="list workers heard on the bus")
     workers.add_argument("--instance", default=None, help="only this instance")
     workers.add_argument(
-        "--listen", type=_positive, default=None,
+        "--listen",
+        type=_positive,
+        default=None,
         help="seconds to listen for heartbeats (default: two heartbeat intervals)",
     )
     workers.set_defaults(func=_cmd_workers)
 
-    lookup = sub.add_parser("lookup", parents=[common, targeted], help="ask how much of a prompt is stored")
+    lookup = sub.add_parser(
+        "lookup", parents=[common, targeted], help="ask how much of a prompt is stored"
+    )
     lookup.add_argument("--tokens", type=parse_tokens, required=True, help="token ids, e.g. 1,2,3")
     lookup.set_defaults(func=_cmd_lookup)
 
-    clear = sub.add_parser("clear", parents=[common, targeted], help="empty one location of an instance")
+    clear = sub.add_parser(
+        "clear", parents=[common, targeted], help="empty one location of an instance"
+    )
     clear.add_argument("--location", required=True, help="location name, e.g. LocalCPUBackend")
     clear.set_defaults(func=_cmd_clear)
 
-    watch = sub.add_parser("watch", parents=[common], help="print event batches and heartbeats live")
+    watch = sub.add_parser(
+        "watch", parents=[common], help="print event batches and heartbeats live"
+    )
     watch.add_argument("--instance", default=None, help="only this instance")
     watch.add_argument("--count", type=int, default=None, help="stop after this many messages")
     watch.add_argument("--no-heartbeats", action="store_true", help="show event batches only")

@@ -67,7 +67,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: LMCache keys that a message bus makes unnecessary (accepted, then ignored)
-UNUSED_COMPAT_KEYS = ("distributed_url", "lmcache_worker_port", "lmcache_worker_ports", "p2p_host", "p2p_init_ports")
+UNUSED_COMPAT_KEYS = (
+    "distributed_url",
+    "lmcache_worker_port",
+    "lmcache_worker_ports",
+    "p2p_host",
+    "p2p_init_ports",
+)
 
 _MAX_BATCHES_PER_ROUND = 64  # bounds one publishing round so commands and heartbeats interleave
 _MAX_BACKOFF = 2.0
@@ -131,7 +137,7 @@ def pack_events(events: list[KVEvent]) -> dict[str, tuple[np.ndarray, np.ndarray
 class WorkerHandle:
     """A running worker. ``close()`` stops it; the other methods are for operators and tests."""
 
-    def __init__(self, engine: "CacheEngine") -> None:
+    def __init__(self, engine: CacheEngine) -> None:
         self.engine = engine
         self.settings = engine.settings
         meta = engine.metadata
@@ -217,7 +223,7 @@ class WorkerHandle:
         except Exception:
             return False
 
-    def start(self) -> "WorkerHandle":
+    def start(self) -> WorkerHandle:
         """Start the background thread (``start_worker`` calls this)."""
         log_unused_compat_keys(self.settings)
         self._portal = self._stack.enter_context(
@@ -227,7 +233,7 @@ class WorkerHandle:
         return self
 
     def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
-        """Publish what is pending (briefly), disconnect and join the thread; bounded by ``timeout``."""
+        """Publish what is pending (briefly), disconnect, join the thread; at most ``timeout``."""
         self._unsubscribe()
         portal, future = self._portal, self._future
         self._portal = None
@@ -273,7 +279,11 @@ class WorkerHandle:
                 bus = await spec.connect(self.settings, self.url)
             except Exception as exc:  # no server yet, bad URL, missing plugin: keep trying
                 if not warned:
-                    log.warning("worker cannot reach the controller's bus at %s (retrying): %s", self.url, exc)
+                    log.warning(
+                        "worker cannot reach the controller's bus at %s (retrying): %s",
+                        self.url,
+                        exc,
+                    )
                     warned = True
                 self._drop_pending_for_resync()
                 await anyio.sleep(delay)
@@ -295,7 +305,12 @@ class WorkerHandle:
 
     async def _serve(self, bus: MessageBus) -> None:
         self._bus = bus
-        log.info("worker %s/%d connected to %s", self.identity.instance_id, self.identity.worker_id, self.url)
+        log.info(
+            "worker %s/%d connected to %s",
+            self.identity.instance_id,
+            self.identity.worker_id,
+            self.url,
+        )
         async with anyio.create_task_group() as tg:
             self._tg = tg
             bus.on_reconnect(self._on_reconnect)
@@ -389,7 +404,13 @@ class WorkerHandle:
         return len(self._pending) > 0
 
     async def _publish_arrays(
-        self, location: str, kinds: np.ndarray, hashes: np.ndarray, tokens: np.ndarray, *, reset: bool
+        self,
+        location: str,
+        kinds: np.ndarray,
+        hashes: np.ndarray,
+        tokens: np.ndarray,
+        *,
+        reset: bool,
     ) -> None:
         """Publish one location's events as batches of at most ``worker_event_batch_size``."""
         bus = self._bus
@@ -417,13 +438,15 @@ class WorkerHandle:
                 await bus.publish(topic, batch.encode())
             except LMCacheError as exc:
                 if not self._publish_failing:  # once per outage, not once per batch
-                    log.warning("publishing events for %s failed (a resync will repair): %s", location, exc)
+                    log.warning(
+                        "publishing events for %s failed (a resync will repair): %s", location, exc
+                    )
                 self._publish_failing = True
             else:
                 self._publish_failing = False
 
     async def _resync(self, locations: Iterable[str] | None) -> dict[str, int]:
-        """Send the inventory of ``locations`` (all when None) as reset batches; returns last seqs."""
+        """Send the inventory of ``locations`` (all when None) as reset batches; returns seqs."""
         assert self._publish_lock is not None
         wanted = list(self.engine.locations) if locations is None else list(locations)
         for name in wanted:
@@ -512,7 +535,9 @@ class WorkerHandle:
         try:
             request = CommandRequest.decode(payload)
         except ValidationError as exc:
-            return self._reply(ok=False, error_kind="bad_request", error=_explain_bad_request(payload, exc))
+            return self._reply(
+                ok=False, error_kind="bad_request", error=_explain_bad_request(payload, exc)
+            )
         command = request.command
         try:
             if isinstance(command, ClearCommand):
@@ -522,8 +547,12 @@ class WorkerHandle:
             if isinstance(command, ResyncCommand):
                 return self._reply(ok=True, last_seq=await self._resync(command.locations))
             if isinstance(command, PingCommand):
-                return self._reply(ok=True, registration=self.registration(), last_seq=dict(self._seq))
-            return self._reply(ok=False, error_kind="bad_request", error=f"unsupported command {command!r}")
+                return self._reply(
+                    ok=True, registration=self.registration(), last_seq=dict(self._seq)
+                )
+            return self._reply(
+                ok=False, error_kind="bad_request", error=f"unsupported command {command!r}"
+            )
         except UnknownLocationError as exc:
             return self._reply(
                 ok=False,
@@ -535,13 +564,17 @@ class WorkerHandle:
             return self._reply(ok=False, error_kind="internal", error=str(exc))
         except Exception as exc:  # a command must never crash the worker
             log.exception("command %s failed", command.op)
-            return self._reply(ok=False, error_kind="internal", error=f"{type(exc).__name__}: {exc}")
+            return self._reply(
+                ok=False, error_kind="internal", error=f"{type(exc).__name__}: {exc}"
+            )
 
     async def _clear(self, location: str) -> CommandReply:
         assert self._publish_lock is not None
         if location not in self.engine.backends:
             raise UnknownLocationError(location, self.engine.locations)
-        removed = await anyio.to_thread.run_sync(self.engine.clear, location, abandon_on_cancel=True)
+        removed = await anyio.to_thread.run_sync(
+            self.engine.clear, location, abandon_on_cancel=True
+        )
         # the clear event is pending now: publish it (and all before it) before replying, so
         # the reply's last_seq names the batch that holds it (not a later one: admits that
         # follow the clear in later batches must still be applied)
@@ -549,10 +582,14 @@ class WorkerHandle:
             while await self._publish_pending_locked():
                 pass
             last = self._clear_seq.get(location, self._seq.get(location, 0))
-        return self._reply(ok=True, num_tokens=removed, location=location, last_seq={location: last})
+        return self._reply(
+            ok=True, num_tokens=removed, location=location, last_seq={location: last}
+        )
 
     async def _lookup(self, tokens: list[int]) -> CommandReply:
-        found, location = await anyio.to_thread.run_sync(self._lookup_sync, tokens, abandon_on_cancel=True)
+        found, location = await anyio.to_thread.run_sync(
+            self._lookup_sync, tokens, abandon_on_cancel=True
+        )
         return self._reply(ok=True, num_tokens=found, location=location)
 
     def _lookup_sync(self, tokens: list[int]) -> tuple[int, str | None]:
@@ -584,14 +621,18 @@ def _explain_bad_request(payload: bytes, exc: ValidationError) -> str:
     except Exception:
         version = None
     if isinstance(version, int) and version != PROTOCOL_VERSION:
-        return f"protocol version {version} is not supported; this worker speaks version {PROTOCOL_VERSION}"
+        return (
+            f"protocol version {version} is not supported; "
+            f"this worker speaks version {PROTOCOL_VERSION}"
+        )
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()[:5]
+        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+        for err in exc.errors()[:5]
     )
     return f"malformed command: {problems}"
 
 
-def start_worker(engine: "CacheEngine") -> WorkerHandle:
+def start_worker(engine: CacheEngine) -> WorkerHandle:
     """Start the worker of ``engine`` in a background thread; returns immediately.
 
     The worker connects, registers and publishes on its own, retrying while the controller or

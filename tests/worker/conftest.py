@@ -1,4 +1,4 @@
-"""Fixtures of the worker tests: a real nats-server, a real engine, and a peer playing the controller.
+"""Worker test fixtures: a real nats-server, a real engine, a peer playing the controller.
 
 The ``ControllerPeer`` speaks the wire protocol directly on the bus from its own event-loop
 thread, so tests stay synchronous and wait on what it records (a condition variable, never a
@@ -54,7 +54,9 @@ def kv(num_tokens: int, seed: int = 0) -> torch.Tensor:
 class ControllerPeer:
     """Plays the controller's side of the protocol on a real bus and records what workers send."""
 
-    def __init__(self, settings: LMCacheSettings, url: str, *, answer_register: bool = True) -> None:
+    def __init__(
+        self, settings: LMCacheSettings, url: str, *, answer_register: bool = True
+    ) -> None:
         self.settings = settings
         self.url = url
         self.answer_register = answer_register
@@ -65,7 +67,7 @@ class ControllerPeer:
         self._stack = ExitStack()
         self._bus: MessageBus | None = None
 
-    def start(self) -> "ControllerPeer":
+    def start(self) -> ControllerPeer:
         self.portal = self._stack.enter_context(start_blocking_portal())
         self.portal.call(self._connect)
         return self
@@ -135,7 +137,9 @@ def pm() -> pluggy.PluginManager:
 
 
 @pytest.fixture
-def make_settings(pm: pluggy.PluginManager, tmp_path: Path, nats_server: Any) -> Callable[..., LMCacheSettings]:
+def make_settings(
+    pm: pluggy.PluginManager, tmp_path: Path, nats_server: Any
+) -> Callable[..., LMCacheSettings]:
     """Settings of a test instance: CPU and disk locations, fast heartbeats, this test's bus."""
 
     def make(**overrides: Any) -> LMCacheSettings:
@@ -157,7 +161,9 @@ def make_settings(pm: pluggy.PluginManager, tmp_path: Path, nats_server: Any) ->
 
 
 @pytest.fixture
-def peer(make_settings: Callable[..., LMCacheSettings], nats_server: Any) -> Iterator[ControllerPeer]:
+def peer(
+    make_settings: Callable[..., LMCacheSettings], nats_server: Any
+) -> Iterator[ControllerPeer]:
     peer = ControllerPeer(make_settings(), nats_server.url).start()
     yield peer
     peer.close()
@@ -166,7 +172,9 @@ def peer(make_settings: Callable[..., LMCacheSettings], nats_server: Any) -> Ite
 class Instance:
     """A real engine (CPU + disk) and its worker, closed in reverse order."""
 
-    def __init__(self, settings: LMCacheSettings, pm: pluggy.PluginManager, model: str = "test-model") -> None:
+    def __init__(
+        self, settings: LMCacheSettings, pm: pluggy.PluginManager, model: str = "test-model"
+    ) -> None:
         self.engine = CacheEngine(settings, EngineMetadata(model), pm, start_worker=False)
         self.worker: WorkerHandle | None = None
 

@@ -45,7 +45,7 @@ def read_line(stream: Any, timeout: float, what: str) -> str:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A nats-server, a peer answering registrations, and one instance process holding the prompt."""
+    """A nats-server, a peer answering registrations, one instance process holding the prompt."""
     disk = tmp_path_factory.mktemp("disk")
     with running_nats_server() as server:
         env = {
@@ -57,10 +57,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.05",
             "LMCACHE_WORKER_HEARTBEAT_INTERVAL": "0.2",
         }
-        peer = ControllerPeer(load_settings(get_plugin_manager(), config_file=None), server.url).start()
+        peer = ControllerPeer(
+            load_settings(get_plugin_manager(), config_file=None), server.url
+        ).start()
         proc = subprocess.Popen(
             [sys.executable, str(REPO / "examples" / "instance.py")],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             ready = json.loads(read_line(proc.stdout, 60, "the instance's ready line"))
@@ -104,30 +110,73 @@ def test_lookup_then_clear_report_tokens_in_text_and_json(setup, capsys) -> None
     url = setup["url"]
     code, out, _ = cli(capsys, "lookup", "--url", url, "--instance", INSTANCE, "--tokens", TOKENS)
     assert code == 0 and out.strip() == f"{INSTANCE}/0: 12 of 12 tokens (most in LocalCPUBackend)"
-    code, out, _ = cli(capsys, "lookup", "--url", url, "--instance", INSTANCE, "--worker", "0", "--tokens", TOKENS, "--json")
+    code, out, _ = cli(
+        capsys,
+        "lookup",
+        "--url",
+        url,
+        "--instance",
+        INSTANCE,
+        "--worker",
+        "0",
+        "--tokens",
+        TOKENS,
+        "--json",
+    )
     data = json.loads(out)
     assert (code, data["num_tokens"], data["location"]) == (0, 12, "LocalCPUBackend")
-    code, out, _ = cli(capsys, "clear", "--url", url, "--instance", INSTANCE, "--location", "LocalCPUBackend", "--json")
+    code, out, _ = cli(
+        capsys,
+        "clear",
+        "--url",
+        url,
+        "--instance",
+        INSTANCE,
+        "--location",
+        "LocalCPUBackend",
+        "--json",
+    )
     data = json.loads(out)
     assert (code, data["num_tokens"], data["location"]) == (0, 12, "LocalCPUBackend")
     assert data["workers"][0]["last_seq"]["LocalCPUBackend"] >= 1
     code, out, _ = cli(capsys, "lookup", "--url", url, "--instance", INSTANCE, "--tokens", TOKENS)
-    assert out.strip() == f"{INSTANCE}/0: 12 of 12 tokens (most in LocalDiskBackend)"  # disk kept it
+    assert (
+        out.strip() == f"{INSTANCE}/0: 12 of 12 tokens (most in LocalDiskBackend)"
+    )  # disk kept it
 
 
 def test_clear_of_an_unknown_location_exits_2_with_a_message_and_no_traceback(setup) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "lmcache_core.cli", "nats", "clear", "--url", setup["url"],
-         "--instance", INSTANCE, "--location", "GPUBackend"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "lmcache_core.cli",
+            "nats",
+            "clear",
+            "--url",
+            setup["url"],
+            "--instance",
+            INSTANCE,
+            "--location",
+            "GPUBackend",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
     assert result.returncode == 2, result.stderr
-    assert "unknown location 'GPUBackend'; available: LocalCPUBackend, LocalDiskBackend" in result.stderr
+    assert (
+        "unknown location 'GPUBackend'; available: LocalCPUBackend, LocalDiskBackend"
+        in result.stderr
+    )
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def test_unknown_instance_and_absent_server_exit_2(setup, capsys) -> None:
-    code, out, err = cli(capsys, "lookup", "--url", setup["url"], "--instance", "ghost", "--tokens", "1,2")
+    code, out, err = cli(
+        capsys, "lookup", "--url", setup["url"], "--instance", "ghost", "--tokens", "1,2"
+    )
     assert code == 2 and "no worker answers for instance 'ghost'" in err and out == ""
     nowhere = f"127.0.0.1:{free_port()}"
     code, _, err = cli(capsys, "workers", "--url", nowhere, "--listen", "0.1")
@@ -141,9 +190,25 @@ def test_watch_prints_decoded_event_batches_and_heartbeats(setup, capsys) -> Non
     assert all(line.startswith(f"heartbeat {INSTANCE}/0: LocalCPUBackend: ") for line in lines)
 
     watch = subprocess.Popen(
-        [sys.executable, "-m", "lmcache_core.cli", "nats", "watch", "--url", setup["url"],
-         "--json", "--no-heartbeats", "--count", "1", "--instance", INSTANCE],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "lmcache_core.cli",
+            "nats",
+            "watch",
+            "--url",
+            setup["url"],
+            "--json",
+            "--no-heartbeats",
+            "--count",
+            "1",
+            "--instance",
+            INSTANCE,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     try:
         assert read_line(watch.stderr, 60, "watch to subscribe").startswith("watching ")
@@ -153,7 +218,11 @@ def test_watch_prints_decoded_event_batches_and_heartbeats(setup, capsys) -> Non
     finally:
         if watch.poll() is None:
             watch.kill()
-    assert (message["type"], message["location"], message["reset"]) == ("events", "LocalDiskBackend", True)
+    assert (message["type"], message["location"], message["reset"]) == (
+        "events",
+        "LocalDiskBackend",
+        True,
+    )
     assert message["counts"]["admit"] == 1 and message["events"][0]["tokens"] == 12
 
 
@@ -163,7 +232,11 @@ def test_instance_without_a_controller_exits_2_after_its_ready_timeout(setup) ->
     del env["LMCACHE_LOCAL_DISK"]  # CPU only: the running instance owns that directory
     result = subprocess.run(
         [sys.executable, str(REPO / "examples" / "instance.py"), "--ready-timeout", "1"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2 and result.stdout == ""
     assert "no controller accepted the registration within 1s" in result.stderr

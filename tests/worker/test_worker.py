@@ -1,11 +1,9 @@
-"""The worker against a real nats-server and a real engine (CPU + disk), the test playing the controller."""
+"""The worker against a real nats-server and engine (CPU + disk); the test plays the controller."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pytest
@@ -39,7 +37,7 @@ def held_by(batches: list[EventBatch]) -> set[int]:
     for batch in batches:
         if batch.reset:
             held.clear()
-        for kind, h, _ in zip(*batch.arrays()):
+        for kind, h, _ in zip(*batch.arrays(), strict=True):
             if kind == EventKind.ADMIT:
                 held.add(int(h))
             elif kind == EventKind.EVICT:
@@ -49,19 +47,27 @@ def held_by(batches: list[EventBatch]) -> set[int]:
     return held
 
 
-def test_registration_describes_model_hashing_and_locations(make_settings, make_instance, peer) -> None:
+def test_registration_describes_model_hashing_and_locations(
+    make_settings, make_instance, peer
+) -> None:
     instance = make_instance(make_settings(namespace="tenant-a", chunk_size=128))
     worker = instance.start_worker()
     assert worker.wait_registered(WAIT)
     reg = peer.wait_until(lambda: peer.registrations, what="a registration")[0]
     assert (reg.instance_id, reg.worker_id, reg.world_size) == (INSTANCE, 0, 1)
     assert (reg.model_name, reg.kv_dtype) == ("test-model", "bfloat16")
-    assert (reg.hashing.scheme, reg.hashing.chunk_size, reg.hashing.namespace) == (HASH_SCHEME, 128, "tenant-a")
+    assert (reg.hashing.scheme, reg.hashing.chunk_size, reg.hashing.namespace) == (
+        HASH_SCHEME,
+        128,
+        "tenant-a",
+    )
     assert reg.locations == [CPU, DISK]
     assert reg.pid == os.getpid() and reg.epoch == worker.identity.epoch
 
 
-def test_inventory_is_sent_with_reset_per_location_after_registering(make_settings, make_instance, peer) -> None:
+def test_inventory_is_sent_with_reset_per_location_after_registering(
+    make_settings, make_instance, peer
+) -> None:
     instance = make_instance(make_settings())
     tokens = list(range(600))  # chunks of 256, 256 and 88 tokens
     assert instance.engine.store(tokens, kv(600)) == 600
@@ -70,14 +76,18 @@ def test_inventory_is_sent_with_reset_per_location_after_registering(make_settin
     assert worker.wait_registered(WAIT)
     expected = set(TokenHasher(256).hashes(tokens))
     for location in (CPU, DISK):
-        first = peer.wait_until(lambda: reset_batches(peer, location, worker.identity.epoch), what=location)[0]
+        first = peer.wait_until(
+            lambda loc=location: reset_batches(peer, loc, worker.identity.epoch), what=location
+        )[0]
         kinds, hashes, counts = first.arrays()
         assert set(hashes.tolist()) == expected
         assert sorted(counts.tolist()) == [88, 256, 256]
         assert set(kinds.tolist()) == {EventKind.ADMIT}
 
 
-def test_events_are_published_in_order_with_contiguous_seqs(make_settings, make_instance, peer) -> None:
+def test_events_are_published_in_order_with_contiguous_seqs(
+    make_settings, make_instance, peer
+) -> None:
     # small batches and chunks, so the stream spans many batches
     instance = make_instance(make_settings(chunk_size=16, worker_event_batch_size=7))
     worker = instance.start_worker()
@@ -89,11 +99,22 @@ def test_events_are_published_in_order_with_contiguous_seqs(make_settings, make_
     instance.engine.clear(CPU)
     instance.engine.store(list(range(50)), kv(50))
     assert worker.sync(WAIT)
-    want = [(int(e.kind), e.key.chunk_hash if e.key else 0, e.num_tokens) for e in seen if e.location == CPU]
+    want = [
+        (int(e.kind), e.key.chunk_hash if e.key else 0, e.num_tokens)
+        for e in seen
+        if e.location == CPU
+    ]
 
     def stream() -> list[tuple[int, int, int]] | None:
-        batches = [b for b in peer.batches if b.location == CPU and b.epoch == worker.identity.epoch]
-        got = [t for b in batches if not b.reset for t in zip(*(a.tolist() for a in b.arrays()))]
+        batches = [
+            b for b in peer.batches if b.location == CPU and b.epoch == worker.identity.epoch
+        ]
+        got = [
+            t
+            for b in batches
+            if not b.reset
+            for t in zip(*(a.tolist() for a in b.arrays()), strict=True)
+        ]
         return got if len(got) >= len(want) else None
 
     got = peer.wait_until(stream, what="every CPU event")
@@ -124,7 +145,9 @@ def test_clear_removes_the_data_and_replies_tokens_and_the_seq_holding_the_clear
     assert peer.command(ClearCommand(location=CPU)).num_tokens == 0
 
 
-def test_unknown_location_reply_lists_the_available_locations(make_settings, make_instance, peer) -> None:
+def test_unknown_location_reply_lists_the_available_locations(
+    make_settings, make_instance, peer
+) -> None:
     instance = make_instance(make_settings())
     assert instance.start_worker().wait_registered(WAIT)
     reply = peer.command(ClearCommand(location="GPUBackend"))
@@ -135,7 +158,9 @@ def test_unknown_location_reply_lists_the_available_locations(make_settings, mak
     assert resync.error_kind == "unknown_location"
 
 
-def test_lookup_reports_the_prefix_and_the_location_holding_most_of_it(make_settings, make_instance, peer) -> None:
+def test_lookup_reports_the_prefix_and_the_location_holding_most_of_it(
+    make_settings, make_instance, peer
+) -> None:
     instance = make_instance(make_settings())
     assert instance.start_worker().wait_registered(WAIT)
     tokens = list(range(300))
@@ -152,7 +177,9 @@ def test_lookup_reports_the_prefix_and_the_location_holding_most_of_it(make_sett
     assert (miss.ok, miss.num_tokens, miss.location) == (True, 0, None)
 
 
-def test_resync_command_resends_the_inventory_with_reset(make_settings, make_instance, peer) -> None:
+def test_resync_command_resends_the_inventory_with_reset(
+    make_settings, make_instance, peer
+) -> None:
     instance = make_instance(make_settings())
     worker = instance.start_worker()
     assert worker.wait_registered(WAIT)
@@ -161,20 +188,28 @@ def test_resync_command_resends_the_inventory_with_reset(make_settings, make_ins
     assert reply.ok and set(reply.last_seq) == {CPU}
     seq = reply.last_seq[CPU]
     batch = peer.wait_until(
-        lambda: [b for b in peer.batches_for(CPU, worker.identity.epoch) if b.seq == seq], what="resync"
+        lambda: [b for b in peer.batches_for(CPU, worker.identity.epoch) if b.seq == seq],
+        what="resync",
     )[0]
     assert batch.reset and batch.arrays()[1].tolist() == TokenHasher(256).hashes(PROMPT)
-    assert held_by(peer.batches_for(CPU, worker.identity.epoch)) == set(TokenHasher(256).hashes(PROMPT))
+    assert held_by(peer.batches_for(CPU, worker.identity.epoch)) == set(
+        TokenHasher(256).hashes(PROMPT)
+    )
 
 
-def test_a_bad_command_gets_an_error_reply_and_the_worker_keeps_serving(make_settings, make_instance, peer) -> None:
+def test_a_bad_command_gets_an_error_reply_and_the_worker_keeps_serving(
+    make_settings, make_instance, peer
+) -> None:
     instance = make_instance(make_settings())
     assert instance.start_worker().wait_registered(WAIT)
     topic = command_topic(INSTANCE, 0)
     from lmcache_core.wire import CommandReply
 
-    for payload in (b"not json", b'{"event_id": "x", "command": {"op": "format_disk"}}',
-                    b'{"version": 9, "event_id": "x", "command": {"op": "ping"}, "extra": 1}'):
+    for payload in (
+        b"not json",
+        b'{"event_id": "x", "command": {"op": "format_disk"}}',
+        b'{"version": 9, "event_id": "x", "command": {"op": "ping"}, "extra": 1}',
+    ):
         reply = CommandReply.decode(peer.request(topic, payload))
         assert not reply.ok and reply.error_kind == "bad_request" and reply.error
     assert "version 9" in reply.error
@@ -191,7 +226,9 @@ def test_heartbeats_carry_last_seq_and_chunk_counts(make_settings, make_instance
     assert worker.sync(WAIT)
     want = worker.last_seq()
     beat = peer.wait_until(
-        lambda: [h for h in peer.heartbeats if h.last_seq == want and h.chunks == {CPU: 3, DISK: 3}],
+        lambda: [
+            h for h in peer.heartbeats if h.last_seq == want and h.chunks == {CPU: 3, DISK: 3}
+        ],
         what=f"a heartbeat with {want}",
     )[0]
     assert beat.epoch == worker.identity.epoch
@@ -213,29 +250,39 @@ def test_worker_reregisters_and_resyncs_after_the_nats_server_restarts(
     assert peer.registrations[-1].epoch == worker.identity.epoch
     want = {CPU: set(TokenHasher(256).hashes(list(range(100))))}
     peer.wait_until(
-        lambda: held_by(peer.batches_for(CPU, worker.identity.epoch)) == want[CPU]
-        and reset_batches(peer, CPU, worker.identity.epoch)[1:],
+        lambda: (
+            held_by(peer.batches_for(CPU, worker.identity.epoch)) == want[CPU]
+            and reset_batches(peer, CPU, worker.identity.epoch)[1:]
+        ),
         what="the index to converge after a resync",
     )
 
 
-def test_controller_hello_makes_the_worker_register_and_resync_again(make_settings, make_instance, peer) -> None:
+def test_controller_hello_makes_the_worker_register_and_resync_again(
+    make_settings, make_instance, peer
+) -> None:
     instance = make_instance(make_settings())
     worker = instance.start_worker()
     assert worker.wait_registered(WAIT)
     peer.wait_until(lambda: len(reset_batches(peer, CPU, worker.identity.epoch)) == 1)
     peer.publish(HELLO_TOPIC, b"{}")
     peer.wait_until(lambda: len(peer.registrations) >= 2, what="registration after hello")
-    peer.wait_until(lambda: len(reset_batches(peer, CPU, worker.identity.epoch)) >= 2, what="resync after hello")
+    peer.wait_until(
+        lambda: len(reset_batches(peer, CPU, worker.identity.epoch)) >= 2, what="resync after hello"
+    )
 
 
-def test_worker_keeps_retrying_until_a_controller_answers(make_settings, make_instance, nats_server) -> None:
+def test_worker_keeps_retrying_until_a_controller_answers(
+    make_settings, make_instance, nats_server
+) -> None:
     settings = make_settings()
     listener = ControllerPeer(settings, nats_server.url, answer_register=False).start()
     try:
         instance = make_instance(settings)
         worker = instance.start_worker()
-        listener.wait_until(lambda: len(listener.heartbeats) >= 3, what="heartbeats without a controller")
+        listener.wait_until(
+            lambda: len(listener.heartbeats) >= 3, what="heartbeats without a controller"
+        )
         assert not worker.registered
         controller = ControllerPeer(settings, nats_server.url).start()
         try:
@@ -268,8 +315,12 @@ def test_worker_connects_once_the_bus_comes_up(make_settings, make_instance) -> 
 def test_unused_lmcache_keys_are_named_in_one_info_line(
     make_settings, make_instance, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = make_settings(distributed_url="localhost:8002", lmcache_worker_ports=[8001, 8002],
-                             p2p_host="localhost", p2p_init_ports=8200)
+    settings = make_settings(
+        distributed_url="localhost:8002",
+        lmcache_worker_ports=[8001, 8002],
+        p2p_host="localhost",
+        p2p_init_ports=8200,
+    )
     with caplog.at_level(logging.INFO, logger="lmcache_core.worker"):
         make_instance(settings).start_worker()
     lines = [r for r in caplog.records if "LMCache compatibility" in r.getMessage()]
@@ -284,7 +335,9 @@ def test_engine_with_enable_controller_starts_and_stops_its_worker(make_settings
 
     with CacheEngine(make_settings(), EngineMetadata("m"), pm) as engine:
         engine.store(PROMPT, kv(12))
-        peer.wait_until(lambda: held_by(peer.batches_for(CPU)) == set(TokenHasher(256).hashes(PROMPT)))
+        peer.wait_until(
+            lambda: held_by(peer.batches_for(CPU)) == set(TokenHasher(256).hashes(PROMPT))
+        )
 
 
 def test_pack_events_splits_locations_and_keeps_order() -> None:
@@ -303,13 +356,19 @@ def test_pack_events_splits_locations_and_keeps_order() -> None:
     packed = pack_events(events)
     assert list(packed) == ["A", "B"]
     kinds, hashes, tokens = packed["A"]
-    assert kinds.tolist() == [1, 2, 1] and hashes.tolist() == [1, 1, 2**64 - 1] and tokens.tolist() == [256, 256, 12]
+    assert (
+        kinds.tolist() == [1, 2, 1]
+        and hashes.tolist() == [1, 1, 2**64 - 1]
+        and tokens.tolist() == [256, 256, 12]
+    )
     kinds, hashes, tokens = packed["B"]
     assert kinds.tolist() == [1, 3] and hashes.tolist() == [2, 0]
     assert hashes.dtype == np.dtype("<u8") and tokens.dtype == np.dtype("<u4")
 
 
-def test_close_is_prompt_and_leaves_no_thread_while_the_bus_is_down(make_settings, pm, peer, nats_server) -> None:
+def test_close_is_prompt_and_leaves_no_thread_while_the_bus_is_down(
+    make_settings, pm, peer, nats_server
+) -> None:
     import threading
     import time
 
