@@ -12,8 +12,7 @@ batch must be applied with a handful of numpy calls, not one Python step per ent
   ``i32`` per 4 slots: 16.5 bytes a slot, kept between 50% and 70% full (24-33 bytes an entry).
   All holders of one hash share a home slot, so they sit in one run of the table;
 * slots are never emptied in place: an evicted entry becomes a tombstone. So every entry lies
-  between its home and the first empty slot after it, and one probe both finds an entry and
-  finds where a new one goes;
+  between its home and the first empty slot after it, and a new entry simply takes that slot;
 * per bucket of 4 home slots, ``end`` records one past the furthest slot any entry homed there
   was pushed to, so a search reads exactly one window per key, cut with ``np.repeat``;
 * clearing or removing a holder retires its incarnation (O(1)); the dead entries, like
@@ -248,7 +247,8 @@ class _Table:
         """
         home = self.home(mixed)
         order = np.argsort(home, kind="stable")  # old-table order is nearly sorted already
-        home, mixed, incs, toks = home.take(order), mixed.take(order), incs.take(order), toks.take(order)
+        home, mixed = home.take(order), mixed.take(order)
+        incs, toks = incs.take(order), toks.take(order)
         n = len(home)
         first_free = self.first_empty(int(home[0]))
         ramp = np.arange(n, dtype=np.intp)
@@ -267,7 +267,9 @@ def _as_hashes(hashes: object, what: str = "hashes") -> np.ndarray:
         arr = hashes
     elif isinstance(hashes, np.ndarray):
         if hashes.dtype.kind not in "iu" or (hashes.size and int(hashes.min()) < 0):
-            raise IndexInputError(f"{what} must be unsigned 64-bit integers, got {hashes.dtype} values")
+            raise IndexInputError(
+                f"{what} must be unsigned 64-bit integers, got {hashes.dtype} values"
+            )
         arr = hashes.astype(np.uint64)
     else:
         try:
@@ -419,7 +421,7 @@ class KVIndex:
         return tokens
 
     def clear_holder(self, holder: int) -> int:
-        """Forget everything the holder holds; it stays registered, empty. Returns tokens removed."""
+        """Forget all the holder holds; it stays registered, empty. Returns the tokens removed."""
         old = self._current(holder)
         self._inc[holder] = self._new_incarnation(holder)
         return self._retire(old)
@@ -472,13 +474,16 @@ class KVIndex:
         start = 0
         for cut in [*cuts.tolist(), len(keys)]:
             if cut > start:
-                self._apply_segment(self._inc[holder], kinds[start:cut], keys[start:cut], toks[start:cut])
+                segment = slice(start, cut)
+                self._apply_segment(self._inc[holder], kinds[segment], keys[segment], toks[segment])
             if cut < len(keys):
                 self._retire_and_renew(holder)
             start = cut + 1
         self._advance(len(keys))
 
-    def _apply_segment(self, inc: int, kinds: np.ndarray, keys: np.ndarray, toks: np.ndarray) -> None:
+    def _apply_segment(
+        self, inc: int, kinds: np.ndarray, keys: np.ndarray, toks: np.ndarray
+    ) -> None:
         last = _last_per_key(keys)
         kinds, keys, toks = kinds[last], _mix(keys[last]), toks[last]
         admit = kinds == ADMIT
