@@ -173,7 +173,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             )
         else:
             self._clients = [LookupClient(p, self._lookup_timeout) for p in self._channels]
-            self._planner = LoadPlanner(self._block_size, self._lookup_all_ranks)
+            self._planner = LoadPlanner(
+                self._block_size, self._settings.chunk_size, self._lookup_all_ranks
+            )
 
     # ==============================================================================
     # Worker side
@@ -207,13 +209,14 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
 
         def sink(span: ChunkSpan, tensor: torch.Tensor) -> None:
             nonlocal loaded_to
-            if span.end <= spec.start:  # vLLM already has these blocks
+            # skip blocks vLLM already has, and a chunk's tail past the last loadable token
+            begin, stop = max(span.start, spec.start), min(span.end, spec.end)
+            if stop <= begin:
                 return
-            begin = max(span.start, spec.start)
-            part = tensor.narrow(TOKEN_DIM, begin - span.start, span.end - begin)
+            part = tensor.narrow(TOKEN_DIM, begin - span.start, stop - begin)
             assert layout is not None
-            layout.scatter(part, spec.block_ids[begin // bs : span.end // bs])
-            loaded_to = span.end
+            layout.scatter(part, spec.block_ids[begin // bs : stop // bs])
+            loaded_to = stop
 
         if engine is not None and layout is not None:
             try:
@@ -227,7 +230,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             # its blocks past loaded_to hold no valid KV this step: never store them
             self._failed_loads.add(spec.req_id)
             log.warning(
-                "lmcache: request %s loaded %d of %d tokens; %d blocks will be recomputed",
+                "lmcache: request %s loaded %d of %d tokens; vLLM recomputes %d block(s)",
                 spec.req_id, loaded_to - spec.start, spec.end - spec.start, len(bad),
             )
         else:

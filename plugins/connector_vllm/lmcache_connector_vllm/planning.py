@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 @dataclass
 class LoadSpec:
-    """Load tokens ``[start, end)`` of ``token_ids`` into the request's blocks."""
+    """Load tokens ``[start, end)`` of the prompt into the request's blocks."""
 
     req_id: str
-    token_ids: list[int]  # the prompt up to ``end``
+    token_ids: list[int]  # the prompt prefix to retrieve by: reaches ``end``, maybe beyond
     block_ids: list[int]  # the request's blocks, from its first token
     start: int  # block-aligned; tokens before it are in vLLM's own prefix cache
     end: int  # block-aligned
@@ -74,12 +74,19 @@ class LoadPlanner:
     """Turns lookups and the scheduler's decisions into per-step load and save lists."""
 
     def __init__(
-        self, block_size: int, lookup: Callable[[list[int]], int], *, save: bool = True
+        self,
+        block_size: int,
+        chunk_size: int,
+        lookup: Callable[[list[int]], int],
+        *,
+        save: bool = True,
     ) -> None:
         self.block_size = block_size
+        self.chunk_size = chunk_size
         self._lookup = lookup
         self._save = save
-        self._local: dict[str, int] = {}  # req_id -> tokens vLLM has itself, at the last query
+        # req_id -> (tokens vLLM has itself, prompt length to retrieve by), at the last query
+        self._local: dict[str, tuple[int, int]] = {}
         self._pending_loads: dict[str, LoadSpec] = {}
         self._tracked: dict[str, _Tracked] = {}
 
@@ -96,10 +103,18 @@ class LoadPlanner:
         limit = self.loadable_limit(len(prompt))
         if limit <= num_computed_tokens:
             return 0
-        hit = self._lookup(list(prompt[:limit]))
-        hit = min(hit, limit) // self.block_size * self.block_size
-        self._local[req_id] = num_computed_tokens
-        return max(hit - num_computed_tokens, 0)
+        # Chunk hashes depend on where a sequence ends, so ask twice: by the whole prompt (its
+        # stored chunks may run past the last loadable token: load only their head), and by
+        # the prompt cut at the limit (what a store of this same prompt leaves as its tail).
+        tokens = list(prompt)
+        whole = min(self._lookup(tokens), limit) // self.block_size * self.block_size
+        retrieve_len = min(len(tokens), -(-whole // self.chunk_size) * self.chunk_size)
+        if whole < limit:
+            cut = min(self._lookup(tokens[:limit]), limit) // self.block_size * self.block_size
+            if cut > whole:
+                whole, retrieve_len = cut, limit
+        self._local[req_id] = (num_computed_tokens, retrieve_len)
+        return max(whole - num_computed_tokens, 0)
 
     def after_alloc(
         self,
@@ -109,13 +124,13 @@ class LoadPlanner:
         num_external_tokens: int,
     ) -> None:
         """Record the load the scheduler accepted (``num_external_tokens`` > 0)."""
-        local = self._local.pop(req_id, 0)
+        local, retrieve_len = self._local.pop(req_id, (0, 0))
         if num_external_tokens <= 0 or not prompt:
             self._pending_loads.pop(req_id, None)
             return
         end = local + num_external_tokens
         self._pending_loads[req_id] = LoadSpec(
-            req_id, list(prompt[:end]), list(block_ids), start=local, end=end
+            req_id, list(prompt[: max(retrieve_len, end)]), list(block_ids), start=local, end=end
         )
 
     def plan(

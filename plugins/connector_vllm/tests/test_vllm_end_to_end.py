@@ -4,7 +4,8 @@ recompute after a failed load, and both ways of naming the connector.
 Two vLLM processes serve the whole module (starting vLLM dominates the runtime):
 
 * instance A names the connector by module path, with vLLM's own prefix cache off; it serves
-  prompt 1 twice (the second time from lmcache's CPU tier) and prompt 2 once;
+  prompt 1 (1,100 tokens) twice and prompt 2 (1,024 tokens, a whole number of blocks and chunks)
+  twice, each the second time from lmcache's CPU tier;
 * then the test corrupts the data of prompt 2's last chunk file on disk;
 * instance B, a new process sharing A's disk directory, names the connector by the plugin's
   registered name and serves prompt 1 (from disk) and prompt 2 (whose last chunk fails to load).
@@ -23,8 +24,10 @@ from lmcache_core.keys import TokenHasher
 from conftest import VllmRun, make_prompt, run_vllm, write_config
 
 CHUNK = 256
-#: the longest hit for a 1,100-token prompt with 128-token blocks: whole blocks before the last token
+#: the longest hits with 128-token blocks (whole blocks before the last token) for prompts of
+#: 1,100 tokens and of 1,024 tokens (whose last block holds the last token)
 HIT = 1024
+HIT_ALIGNED = 896
 
 
 @dataclass
@@ -47,7 +50,7 @@ def two_instances(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) ->
         max_local_disk_size=1.0,
         lmcache_instance_id="e2e",
     )
-    p1, p2 = make_prompt(1), make_prompt(2)
+    p1, p2 = make_prompt(1), make_prompt(2, length=1024)
     a = run_vllm(
         {
             "model": str(tiny_model),
@@ -57,6 +60,7 @@ def two_instances(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) ->
                 {"prompt": p1, "max_tokens": 16},
                 {"prompt": p1, "max_tokens": 16},
                 {"prompt": p2, "max_tokens": 16},
+                {"prompt": p2, "max_tokens": 16},
             ],
         },
         work,
@@ -64,7 +68,7 @@ def two_instances(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) ->
         "a",
     )
     # flip bytes in the data (not the header) of prompt 2's last stored chunk
-    last_hash = TokenHasher(CHUNK).hashes(p2[:HIT])[-1]
+    last_hash = TokenHasher(CHUNK).hashes(p2)[-1]
     (victim,) = [f for f in disk.iterdir() if f"{last_hash:016x}" in f.name]
     size = victim.stat().st_size
     with victim.open("r+b") as f:
@@ -105,6 +109,20 @@ def test_repeated_prompt_is_loaded_from_cpu_with_identical_output(
     )
 
 
+def test_block_aligned_prompt_loads_all_but_its_last_block_with_identical_output(
+    two_instances: TwoInstances,
+) -> None:
+    """Its 4 stored chunks are all full; the load takes 3.5 of them and vLLM computes 1 block."""
+    first, second = two_instances.a.outputs[2:4]
+    assert first["num_cached_tokens"] == 0
+    assert second["num_cached_tokens"] == HIT_ALIGNED
+    assert second["token_ids"] == first["token_ids"]
+    assert (
+        f"loaded {HIT_ALIGNED} tokens (0..{HIT_ALIGNED}); "
+        "chunk hits per location: {'LocalCPUBackend': 4}"
+    ) in two_instances.a.log
+
+
 def test_new_instance_sharing_the_disk_loads_the_prompt_with_identical_output(
     two_instances: TwoInstances,
 ) -> None:
@@ -122,7 +140,7 @@ def test_failed_chunk_load_is_recomputed_with_identical_output(
     recovered = two_instances.b.outputs[1]
     assert recovered["token_ids"] == served_by_a["token_ids"]
     log = two_instances.b.log
-    assert f"loaded {HIT - CHUNK} of {HIT} tokens; 2 blocks will be recomputed" in log
+    assert f"loaded {3 * CHUNK} of {HIT_ALIGNED} tokens; vLLM recomputes 1 block(s)" in log
     assert "Recovered from KV load failure" in log
     assert "data checksum mismatch" in log
 

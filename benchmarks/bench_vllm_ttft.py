@@ -1,0 +1,117 @@
+"""Time to first token with the lmcache connector in a real vLLM on CPU: cold, warm from CPU, warm from disk.
+
+    .venv/bin/python benchmarks/bench_vllm_ttft.py [--tokens 4096] [--layers 8] [--hidden 1024]
+
+A dummy-weight Llama (8 layers, hidden 1024, 16 heads, 8 KV heads, bf16) where prefill
+dominates. Instance 1 (vLLM's own prefix cache off, so every hit comes from lmcache) warms up on
+a short prompt, then serves two different long prompts cold (computed and stored in CPU and on
+disk), then both again (loaded from LocalCPUBackend). Instance 2, a fresh process sharing the
+disk directory, warms up and serves both prompts (loaded from LocalDiskBackend). TTFT is the
+wall time of ``generate`` with ``max_tokens=1``; each figure is the mean over the two prompts.
+Prints one line per case and a JSON summary; exits 1 if the CPU speedup is below 3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "plugins" / "connector_vllm" / "tests"
+sys.path.insert(0, str(TESTS))
+
+from vllm_runner import write_tiny_llama  # noqa: E402
+
+RUNNER = TESTS / "vllm_runner.py"
+
+
+def run_instance(job: dict[str, Any], work: Path, config: Path, name: str) -> list[dict[str, Any]]:
+    job = dict(job, result_file=str(work / f"{name}.json"))
+    (work / f"{name}_job.json").write_text(json.dumps(job))
+    env = dict(os.environ, LMCACHE_CONFIG_FILE=str(config), VLLM_CPU_KVCACHE_SPACE="2")
+    with (work / f"{name}.log").open("w") as log:
+        proc = subprocess.run(
+            [sys.executable, str(RUNNER), str(work / f"{name}_job.json")],
+            stdout=log, stderr=subprocess.STDOUT, env=env, timeout=600,
+        )
+    if proc.returncode != 0:
+        tail = (work / f"{name}.log").read_text(errors="replace")[-4000:]
+        raise SystemExit(f"bench_vllm_ttft: vLLM instance {name} failed:\n{tail}")
+    return json.loads((work / f"{name}.json").read_text())["outputs"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="prompt length")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    args = parser.parse_args(argv)
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 32000) for _ in range(args.tokens)] for _ in range(2)]
+    warmup = [rng.randrange(3, 32000) for _ in range(200)]
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-ttft-") as tmp:
+        work = Path(tmp)
+        model = write_tiny_llama(
+            work / "model", layers=args.layers, hidden=args.hidden, heads=args.hidden // 64,
+            kv_heads=args.hidden // 128, intermediate=args.hidden * 11 // 4, vocab=32000,
+            max_position=2 * args.tokens, weights=False,
+        )
+        config = work / "lmcache.yaml"
+        config.write_text(
+            f"chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 1\n"
+            f"local_disk: {work / 'disk'}\nmax_local_disk_size: 2\n"
+        )
+        base = {
+            "model": str(model), "load_format": "dummy", "dtype": "bfloat16",
+            "connector": "module_path", "enable_prefix_caching": False,
+            "max_model_len": 2 * args.tokens, "max_num_batched_tokens": 2 * args.tokens,
+        }
+        one = lambda p: {"prompt": p, "max_tokens": 1}  # noqa: E731
+        started = time.perf_counter()
+        first = run_instance(
+            {**base, "steps": [one(warmup)] + [one(p) for p in prompts] * 2}, work, config, "first"
+        )
+        second = run_instance(
+            {**base, "steps": [one(warmup)] + [one(p) for p in prompts]}, work, config, "second"
+        )
+        wall = time.perf_counter() - started
+
+    def mean(outs: list[dict[str, Any]]) -> float:
+        return sum(o["seconds"] for o in outs) / len(outs)
+
+    cold, cpu, disk = first[1:3], first[3:5], second[1:3]
+    for label, outs, expect_hit in (("cpu", cpu, True), ("disk", disk, True), ("cold", cold, False)):
+        hits = [o["num_cached_tokens"] for o in outs]
+        if expect_hit != all(h > 0 for h in hits) or (not expect_hit and any(hits)):
+            raise SystemExit(f"bench_vllm_ttft: unexpected cache hits for {label}: {hits}")
+    cold_s, cpu_s, disk_s = mean(cold), mean(cpu), mean(disk)
+    summary = {
+        "prompt_tokens": args.tokens,
+        "cached_tokens": cpu[0]["num_cached_tokens"],
+        "model": f"llama {args.layers} layers, hidden {args.hidden}, bf16, dummy weights",
+        "ttft_cold_s": round(cold_s, 4),
+        "ttft_warm_cpu_s": round(cpu_s, 4),
+        "ttft_warm_disk_s": round(disk_s, 4),
+        "speedup_cpu": round(cold_s / cpu_s, 2),
+        "speedup_disk": round(cold_s / disk_s, 2),
+        "wall_s": round(wall, 1),
+    }
+    print(f"TTFT, {args.tokens}-token prompt ({summary['model']}), mean of 2 prompts:")
+    print(f"  cold (computed, then stored)        {cold_s:8.3f} s")
+    print(f"  warm from LocalCPUBackend           {cpu_s:8.3f} s   {cold_s / cpu_s:6.1f}x faster")
+    print(f"  warm from LocalDiskBackend (new vLLM) {disk_s:6.3f} s   {cold_s / disk_s:6.1f}x faster")
+    print(json.dumps(summary))
+    return 0 if summary["speedup_cpu"] >= 3 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
