@@ -112,6 +112,14 @@ def _worker_rank() -> int:
         return 0
 
 
+def _settings_for_rank(settings: LMCacheSettings, rank: int, world_size: int) -> LMCacheSettings:
+    """One disk directory per rank: a LocalDiskBackend owns its directory exclusively."""
+    disk = settings.local_disk_path
+    if world_size == 1 or disk is None:
+        return settings
+    return settings.model_copy(update={"local_disk": str(disk / f"rank{rank}")})
+
+
 def _load_settings() -> LMCacheSettings:
     # plugins' settings keys are only valid with the plugin manager that contributed them
     return load_settings(get_plugin_manager())
@@ -123,6 +131,11 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     Configuration comes from ``LMCACHE_CONFIG_FILE`` and ``LMCACHE_*`` variables; the chunk
     size must be a multiple of vLLM's block size.
     """
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A best-effort cache: a save dropped by a preemption is only a future miss."""
+        return False
 
     def __init__(
         self,
@@ -163,7 +176,10 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
 
         if role == KVConnectorRole.WORKER:
             rank = _worker_rank()
-            self._engine = CacheEngine(self._settings, engine_metadata(vllm_config, rank))
+            self._engine = CacheEngine(
+                _settings_for_rank(self._settings, rank, self._world_size),
+                engine_metadata(vllm_config, rank),
+            )
             self._server = LookupServer(self._channels[rank], self._engine_lookup)
             # vLLM calls shutdown() on a clean exit; this also covers an interpreter exit
             atexit.register(self.shutdown)
@@ -172,6 +188,14 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
                 rank, self._engine.locations, self._engine.chunk_size, self._channels[rank],
             )
         else:
+            if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+                log.warning(
+                    "lmcache connector: kv_load_failure_policy is %r, so a chunk that fails to "
+                    "load (evicted or cleared after its lookup, corrupt on disk) fails its "
+                    "request; set \"kv_load_failure_policy\":\"recompute\" in "
+                    "--kv-transfer-config to recompute it instead",
+                    self._kv_transfer_config.kv_load_failure_policy,
+                )
             self._clients = [LookupClient(p, self._lookup_timeout) for p in self._channels]
             self._planner = LoadPlanner(
                 self._block_size, self._settings.chunk_size, self._lookup_all_ranks

@@ -110,3 +110,4 @@ def test_blocks_round_trip_through_a_cache_engine_with_cpu_and_disk(tmp_path: Pa
     assert delivered == len(tokens)
     for name in src:
         assert torch.equal(dst[name][target], src[name][blocks])
+

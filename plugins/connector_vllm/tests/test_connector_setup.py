@@ -1,8 +1,9 @@
-"""Registering ``LMCacheCoreConnectorV1`` with vLLM's connector factory (in this process)."""
+"""Setting the connector up: its vLLM name, its entry points, its settings (in this process)."""
 
 from __future__ import annotations
 
 import importlib.metadata
+from pathlib import Path
 
 import pluggy
 import pytest
@@ -12,7 +13,7 @@ from lmcache_core.config import load_settings
 from lmcache_core.errors import ConfigError
 
 from lmcache_connector_vllm import CONNECTOR_NAME
-from lmcache_connector_vllm.connector import LMCacheConnectorV1
+from lmcache_connector_vllm.connector import LMCacheConnectorV1, _settings_for_rank
 from lmcache_connector_vllm.registration import register
 
 
@@ -43,3 +44,11 @@ def test_connector_settings_key_is_validated_with_the_plugin_loaded(
     assert settings.connector_vllm_lookup_timeout == 2.5
     with pytest.raises(ConfigError, match="connector_vllm_lookup_timeout"):
         load_settings(plugin_manager, connector_vllm_lookup_timeout=-1)
+
+
+def test_each_rank_of_a_tensor_parallel_instance_gets_its_own_disk_directory(tmp_path: Path) -> None:
+    settings = load_settings(local_disk=f"file://{tmp_path}/disk")
+    assert _settings_for_rank(settings, 0, 1).local_disk_path == tmp_path / "disk"
+    assert _settings_for_rank(settings, 1, 2).local_disk_path == tmp_path / "disk" / "rank1"
+    cpu_only = load_settings()
+    assert _settings_for_rank(cpu_only, 1, 2) is cpu_only
