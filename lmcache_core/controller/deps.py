@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from lmcache_core.controller.state import Controller
 
 
-def get_controller(request: Request) -> "Controller":
+async def get_controller(request: Request) -> "Controller":
     """The controller serving this request (use as ``Depends(get_controller)``).
 
     Example::
@@ -18,5 +18,8 @@ def get_controller(request: Request) -> "Controller":
         @router.get("/workers/count")
         def count(controller: Controller = Depends(get_controller)) -> int:
             return len(controller.workers)
+
+    Async on purpose: FastAPI runs a sync dependency in a worker thread, a thread hop per
+    request that costs more than a whole lookup.
     """
     return request.app.state.controller

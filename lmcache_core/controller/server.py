@@ -132,6 +132,9 @@ async def running_controller(
                 http=_http_protocol(),
                 timeout_graceful_shutdown=SHUTDOWN_GRACE,
                 backlog=2048,
+                # clients (routers, load balancers) keep connections open between lookups; a
+                # short idle timeout races their next request and surfaces as a read error
+                timeout_keep_alive=75,
             )
             server = _EmbeddedUvicorn(config)
             served = anyio.Event()

@@ -22,7 +22,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import numpy as np
@@ -88,6 +88,8 @@ class LocationState:
 
     name: str
     holder: int
+    #: place in the worker's location list (fastest first); breaks ties in lookups
+    position: int = 0
     applied_seq: int = 0
     #: the last_seq of the previous heartbeat: batches up to it should have arrived by now
     claimed_seq: int = 0
@@ -122,6 +124,18 @@ class WorkerState:
     @property
     def name(self) -> str:
         return f"{self.instance_id}/{self.worker_id}"
+
+
+class HolderMeta(NamedTuple):
+    """One holder as lookups see it."""
+
+    worker: WorkerState
+    loc: LocationState
+    instance_id: str
+    rank: tuple[str, int]
+    model: str
+    location: str
+    position: int
 
 
 @dataclass
@@ -181,9 +195,12 @@ class Controller:
         self.events = EventLog()
         self.workers: dict[tuple[str, int], WorkerState] = {}
         self.instances: dict[str, dict[int, WorkerState]] = {}
-        #: holder id -> (worker, location state), for turning index answers into instances
-        self._holders: dict[int, tuple[WorkerState, LocationState]] = {}
+        #: holder id -> what lookups need about it, precomputed so the hot loop reads tuples
+        self._holders: dict[int, HolderMeta] = {}
         self._groups: dict[HashingKey, _Group] = {}
+        #: per instance: its world size, and its location names by position (rank 0's, else the first rank's)
+        self._world_size: dict[str, int] = {}
+        self._location_names: dict[str, list[str]] = {}
         self._subscriptions: list[Subscription] = []
         self._tg: TaskGroup | None = None
         self._last_hello = 0.0
@@ -250,6 +267,7 @@ class Controller:
             ranks.pop(worker.worker_id, None)
             if not ranks:
                 del self.instances[worker.instance_id]
+        self._describe_instance(worker.instance_id)
         group = self._groups.get(worker.hashing)
         if group is not None:
             group.workers.discard(key)
@@ -301,10 +319,14 @@ class Controller:
             for loc in kept.values():
                 loc.awaiting_reset = True
             locations = {name: kept.get(name) or self._new_location(reg, name) for name in reg.locations}
+            for position, loc in enumerate(locations.values()):
+                loc.position = position
         else:
             if old is not None:
                 self._forget_worker(old)
             locations = {name: self._new_location(reg, name) for name in reg.locations}
+            for position, loc in enumerate(locations.values()):
+                loc.position = position
         worker = WorkerState(
             registration=reg,
             hashing=hashing,
@@ -315,8 +337,11 @@ class Controller:
         )
         self.workers[key] = worker
         self.instances.setdefault(reg.instance_id, {})[reg.worker_id] = worker
+        self._describe_instance(reg.instance_id)
         for loc in locations.values():
-            self._holders[loc.holder] = (worker, loc)
+            self._holders[loc.holder] = HolderMeta(
+                worker, loc, reg.instance_id, key, reg.model_name, loc.name, loc.position
+            )
         group = self._groups.get(hashing)
         if group is None:
             group = self._groups[hashing] = _Group(TokenHasher(reg.hashing.chunk_size, reg.hashing.namespace))
@@ -324,6 +349,16 @@ class Controller:
         self.metrics.registrations.inc()
         log.info("worker %s registered (epoch %s, locations %s)", worker.name, reg.epoch, list(locations))
         return RegistrationAck(accepted=True, resync=True)
+
+    def _describe_instance(self, instance_id: str) -> None:
+        ranks = self.instances.get(instance_id)
+        if not ranks:
+            self._world_size.pop(instance_id, None)
+            self._location_names.pop(instance_id, None)
+            return
+        first = ranks[min(ranks)]
+        self._world_size[instance_id] = first.registration.world_size
+        self._location_names[instance_id] = list(first.locations)
 
     def _new_location(self, reg: WorkerRegistration, name: str) -> LocationState:
         holder = self.index.holder_id(reg.instance_id, reg.worker_id, name)
@@ -559,8 +594,12 @@ class Controller:
     # --- lookup ------------------------------------------------------------------------------
     def lookup(
         self, tokens: Any, model: str | None = None, instance_id: str | None = None
-    ) -> dict[str, tuple[str, int]]:
-        """Per instance holding a prefix of ``tokens``: (location holding most of it, tokens)."""
+    ) -> dict[str, list[Any]]:
+        """Per instance holding a prefix of ``tokens``: [location holding most of it, tokens].
+
+        Hashes once per hashing group; the per-holder work is a few numpy calls over a
+        (holders x chunks) matrix, so the cost barely grows with the number of instances.
+        """
         n_tokens = len(tokens)
         limit = self.settings.controller_max_lookup_tokens
         if n_tokens > limit:
@@ -569,65 +608,78 @@ class Controller:
             )
         if n_tokens == 0 or not self._groups:
             return {}
-        arr = as_token_array(tokens)
-        # per (instance, rank): tokens of its longest prefix, and chunks per location within it
-        rank_tokens: dict[str, dict[int, int]] = {}
-        rank_parts: list[tuple[WorkerState, np.ndarray, int]] = []  # worker, masks [loc, chunk], chunk size
+        arr = tokens if isinstance(tokens, np.ndarray) else as_token_array(tokens)
+        # rank level (one entry per (instance, rank) holding something), over every group
+        rank_inst: list[str] = []
+        rank_sizes: list[int] = []
+        rank_prefix: list[np.ndarray] = []
+        # holder level, for picking each instance's location
+        matches: list[tuple[np.ndarray, list[HolderMeta], int]] = []
         for group in self._groups.values():
             hashes = np.array(group.hasher.hashes(arr), dtype=np.uint64)
             found = self.index.lookup(hashes)
             if not found:
                 continue
-            per_worker: dict[tuple[str, int], list[tuple[LocationState, np.ndarray]]] = {}
+            rows: list[np.ndarray] = []
+            metas: list[HolderMeta] = []
+            known = self._holders
             for holder, mask in found.items():
-                entry = self._holders.get(holder)
-                if entry is None:
+                meta = known.get(holder)
+                if meta is None:
                     continue
-                worker, loc = entry
-                if instance_id is not None and worker.instance_id != instance_id:
+                if instance_id is not None and meta.instance_id != instance_id:
                     continue
-                if model is not None and worker.registration.model_name != model:
+                if model is not None and meta.model != model:
                     continue
-                per_worker.setdefault((worker.instance_id, worker.worker_id), []).append((loc, mask))
-            cs = group.hasher.chunk_size
-            for (inst, rank), parts in per_worker.items():
-                worker = self.workers[(inst, rank)]
-                order = list(worker.locations)
-                masks = np.zeros((len(order), len(hashes)), dtype=bool)
-                for loc, mask in parts:
-                    masks[order.index(loc.name)] = mask
-                union = masks.any(axis=0)
-                n_chunks = len(union) if union.all() else int(np.argmin(union))
-                if n_chunks == 0:
-                    continue
-                rank_tokens.setdefault(inst, {})[rank] = min(n_chunks * cs, n_tokens)
-                rank_parts.append((worker, masks, cs))
-        layout: dict[str, tuple[str, int]] = {}
-        credited: dict[str, int] = {}
-        for inst, per_rank in rank_tokens.items():
-            world = self.instances[inst]
-            world_size = next(iter(world.values())).registration.world_size
-            if len(per_rank) < world_size:
-                continue  # a rank without the prefix: the instance cannot serve it
-            credited[inst] = min(per_rank.values())
-        if not credited:
-            return layout
-        held: dict[str, dict[str, int]] = {}
-        for worker, masks, cs in rank_parts:
-            matched = credited.get(worker.instance_id)
-            if matched is None:
+                rows.append(mask)
+                metas.append(meta)
+            if not rows:
                 continue
-            upto = -(-matched // cs)
-            counts = masks[:, :upto].sum(axis=1)
-            per_loc = held.setdefault(worker.instance_id, {})
-            for name, count in zip(worker.locations, counts.tolist()):
-                per_loc[name] = per_loc.get(name, 0) + count
-        for inst, matched in credited.items():
-            per_loc = held[inst]
-            # max() keeps the first of equal counts: locations are in registration order, fastest first
-            best = max(per_loc, key=per_loc.__getitem__)
-            layout[inst] = (best, matched)
-        return layout
+            masks = np.stack(rows)
+            # a rank holds a chunk when any of its locations does: OR the rows of each rank
+            rank_ids: dict[tuple[str, int], int] = {}
+            rank_of_row = np.array([rank_ids.setdefault(m.rank, len(rank_ids)) for m in metas], dtype=np.intp)
+            order = np.argsort(rank_of_row, kind="stable")
+            sorted_ranks = rank_of_row[order]
+            starts = np.flatnonzero(np.concatenate(([True], sorted_ranks[1:] != sorted_ranks[:-1])))
+            union = np.logical_or.reduceat(masks[order], starts, axis=0)
+            n_chunks = np.where(union.all(axis=1), union.shape[1], union.argmin(axis=1))
+            cs = group.hasher.chunk_size
+            rank_prefix.append(np.minimum(n_chunks * cs, n_tokens))
+            rank_inst.extend(key[0] for key in rank_ids)
+            rank_sizes.extend(self._world_size[key[0]] for key in rank_ids)
+            matches.append((masks, metas, cs))
+        if not rank_inst:
+            return {}
+        # an instance's prefix is the shortest of its ranks'; a rank holding nothing counts 0
+        inst_ids: dict[str, int] = {}
+        inst_of_rank = np.array([inst_ids.setdefault(name, len(inst_ids)) for name in rank_inst], dtype=np.intp)
+        prefix = np.concatenate(rank_prefix)
+        order = np.argsort(inst_of_rank, kind="stable")
+        sorted_inst = inst_of_rank[order]
+        starts = np.flatnonzero(np.concatenate(([True], sorted_inst[1:] != sorted_inst[:-1])))
+        inst_prefix = np.minimum.reduceat(prefix[order], starts)
+        ranks_seen = np.bincount(inst_of_rank, minlength=len(inst_ids))
+        world = np.array(rank_sizes, dtype=np.intp)[order][starts]
+        inst_prefix[ranks_seen < world] = 0
+        if not inst_prefix.any():
+            return {}
+        # per instance and location: chunks of the credited prefix held, summed over ranks;
+        # most chunks wins, ties go to the fastest (lowest position: registration order)
+        width = 1 + max(m.position for _, metas, _ in matches for m in metas)
+        totals = np.zeros(len(inst_ids) * width, dtype=np.int64)
+        for masks, metas, cs in matches:
+            row_inst = np.array([inst_ids[m.instance_id] for m in metas], dtype=np.intp)
+            upto = -(-inst_prefix[row_inst] // cs)
+            counts = (masks & (np.arange(masks.shape[1]) < upto[:, None])).sum(axis=1)
+            keys = row_inst * width + np.array([m.position for m in metas], dtype=np.intp)
+            totals += np.bincount(keys, weights=counts, minlength=len(totals)).astype(np.int64)
+        best = totals.reshape(len(inst_ids), width).argmax(axis=1).tolist()
+        matched = inst_prefix.tolist()
+        names = self._location_names
+        return {
+            inst: [names[inst][best[i]], matched[i]] for inst, i in inst_ids.items() if matched[i] > 0
+        }
 
     # --- introspection -----------------------------------------------------------------------
     def worker_info(self, worker: WorkerState) -> WorkerInfo:
@@ -682,7 +734,8 @@ class Controller:
 
     def _metrics_snapshot(self) -> dict[str, Any]:
         locations: dict[str, tuple[int, int]] = {}
-        for worker, loc in self._holders.values():
+        for meta in self._holders.values():
+            loc = meta.loc
             chunks, tokens = self.index.holder_stats(loc.holder)
             old = locations.get(loc.name, (0, 0))
             locations[loc.name] = (old[0] + chunks, old[1] + tokens)
