@@ -180,7 +180,11 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
                 _settings_for_rank(self._settings, rank, self._world_size),
                 engine_metadata(vllm_config, rank),
             )
-            self._server = LookupServer(self._channels[rank], self._engine_lookup)
+            try:
+                self._server = LookupServer(self._channels[rank], self._engine_lookup)
+            except BaseException:
+                self._engine.close()
+                raise
             # vLLM calls shutdown() on a clean exit; this also covers an interpreter exit
             atexit.register(self.shutdown)
             log.info(

@@ -179,9 +179,14 @@ class LookupClient:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
+        # after a failed connect, fail fast until then: the scheduler must not stall every step
+        self._retry_at = 0.0
 
     def _connect(self) -> socket.socket:
-        deadline = time.monotonic() + self.timeout
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise LookupChannelError(f"no lmcache worker answers on {self.path} (retrying later)")
+        deadline = now + self.timeout
         delay = 0.005
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -193,6 +198,7 @@ class LookupClient:
                 sock.close()
                 # the worker may still be starting: retry with backoff until the deadline
                 if time.monotonic() + delay > deadline:
+                    self._retry_at = time.monotonic() + self.timeout
                     raise LookupChannelError(
                         f"no lmcache worker answers on {self.path}: {exc}"
                     ) from exc

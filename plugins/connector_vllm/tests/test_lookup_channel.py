@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,14 @@ def test_failing_lookup_reaches_the_client_as_an_error_not_a_hang(sock_path: str
         server.close()
 
 
-def test_client_without_a_worker_fails_within_its_timeout(sock_path: str) -> None:
+def test_client_without_a_worker_fails_within_its_timeout_then_fails_fast(sock_path: str) -> None:
+    client = LookupClient(sock_path, timeout=0.2)
     with pytest.raises(LookupChannelError, match="no lmcache worker answers"):
-        LookupClient(sock_path, timeout=0.2).lookup([1])
+        client.lookup([1])
+    started = time.monotonic()
+    with pytest.raises(LookupChannelError, match="retrying later"):
+        client.lookup([1])  # the scheduler does not wait again on every request
+    assert time.monotonic() - started < 0.1
 
 
 def test_client_reconnects_to_a_restarted_worker(sock_path: str) -> None:
