@@ -389,7 +389,7 @@ class WorkerHandle:
             await anyio.sleep(0 if more else interval)
 
     def _take_pending(self, limit: int) -> list[KVEvent]:
-        """Pop up to ``limit`` events, oldest first (popleft is safe beside the engine's appends)."""
+        """Pop up to ``limit`` events, oldest first (popleft is safe beside the engine's append)."""
         pending = self._pending
         count = min(len(pending), limit)
         return list(starmap(pending.popleft, repeat((), count)))  # a C loop, no frame per event
