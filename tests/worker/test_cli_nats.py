@@ -241,3 +241,43 @@ def test_instance_without_a_controller_exits_2_after_its_ready_timeout(setup) ->
     assert result.returncode == 2 and result.stdout == ""
     assert "no controller accepted the registration within 1s" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_clear_and_lookup_without_worker_address_every_rank(
+    make_settings, pm, peer, nats_server, capsys
+) -> None:
+    from lmcache_core.engine import CacheEngine, EngineMetadata
+    from lmcache_core.worker import start_worker
+
+    from .conftest import kv
+
+    settings = make_settings(local_disk=None)
+    ranks = [
+        CacheEngine(
+            settings, EngineMetadata("m", world_size=2, worker_id=r), pm, start_worker=False
+        )
+        for r in (0, 1)
+    ]
+    workers = [start_worker(engine) for engine in ranks]
+    try:
+        assert all(w.wait_registered(WAIT) for w in workers)
+        ranks[0].store(PROMPT, kv(12))
+        ranks[1].store(PROMPT[:5], kv(5))  # rank 1 holds a different (shorter) prefix
+        url = nats_server.url
+        code, out, _ = cli(
+            capsys, "lookup", "--url", url, "--instance", INSTANCE, "--tokens", TOKENS, "--json"
+        )
+        data = json.loads(out)
+        assert code == 0 and [w["num_tokens"] for w in data["workers"]] == [12, 0]
+        assert data["num_tokens"] == 0  # an instance's prefix is the shortest over its ranks
+        code, out, _ = cli(
+            capsys, "clear", "--url", url, "--instance", INSTANCE, "--location", "LocalCPUBackend"
+        )
+        assert code == 0 and out.splitlines() == [
+            f"{INSTANCE}/0: cleared 12 tokens from LocalCPUBackend",
+            f"{INSTANCE}/1: cleared 5 tokens from LocalCPUBackend",
+        ]
+    finally:
+        for worker, engine in zip(workers, ranks, strict=True):
+            worker.close()
+            engine.close()
