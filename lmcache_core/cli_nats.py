@@ -163,45 +163,53 @@ def _reply_json(reply: CommandReply) -> dict[str, Any]:
 # --- lookup and clear -----------------------------------------------------------------------------
 
 
-def _cmd_lookup(args: argparse.Namespace) -> int:
+def _on_every_rank(
+    args: argparse.Namespace,
+    command: Command,
+    line: Callable[[CommandReply], str],
+    summary: Callable[[list[CommandReply]], dict[str, Any]],
+) -> int:
+    """Run ``command`` on the addressed ranks; print a line per rank, or ``summary`` as JSON."""
+
     async def body(bus: MessageBus, settings: Any) -> int:
-        replies = await _each_rank(bus, args, LookupCommand(tokens=args.tokens))
-        matched = min(reply.num_tokens or 0 for reply in replies)
-        lines = [
-            f"{args.instance}/{r.worker_id}: {r.num_tokens} of {len(args.tokens)} tokens"
-            + (f" (most in {r.location})" if r.location else "")
-            for r in replies
-        ]
+        replies = await _each_rank(bus, args, command)
         data = {
             "instance_id": args.instance,
-            "num_tokens": matched,
-            "location": replies[0].location,
+            **summary(replies),
             "workers": [_reply_json(r) for r in replies],
         }
-        _emit(args, data, "\n".join(lines))
+        _emit(args, data, "\n".join(f"{args.instance}/{r.worker_id}: {line(r)}" for r in replies))
         return 0
 
     return _connect_and_run(args, body)
+
+
+def _cmd_lookup(args: argparse.Namespace) -> int:
+    return _on_every_rank(
+        args,
+        LookupCommand(tokens=args.tokens),
+        lambda r: (
+            f"{r.num_tokens} of {len(args.tokens)} tokens"
+            + (f" (most in {r.location})" if r.location else "")
+        ),
+        # an instance holds the prefix every one of its ranks holds
+        lambda replies: {
+            "num_tokens": min(r.num_tokens or 0 for r in replies),
+            "location": replies[0].location,
+        },
+    )
 
 
 def _cmd_clear(args: argparse.Namespace) -> int:
-    async def body(bus: MessageBus, settings: Any) -> int:
-        replies = await _each_rank(bus, args, ClearCommand(location=args.location))
-        total = sum(reply.num_tokens or 0 for reply in replies)
-        lines = [
-            f"{args.instance}/{r.worker_id}: cleared {r.num_tokens} tokens from {args.location}"
-            for r in replies
-        ]
-        data = {
-            "instance_id": args.instance,
+    return _on_every_rank(
+        args,
+        ClearCommand(location=args.location),
+        lambda r: f"cleared {r.num_tokens} tokens from {args.location}",
+        lambda replies: {
             "location": args.location,
-            "num_tokens": total,
-            "workers": [_reply_json(r) for r in replies],
-        }
-        _emit(args, data, "\n".join(lines))
-        return 0
-
-    return _connect_and_run(args, body)
+            "num_tokens": sum(r.num_tokens or 0 for r in replies),
+        },
+    )
 
 
 # --- workers --------------------------------------------------------------------------------------
