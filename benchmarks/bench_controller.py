@@ -221,19 +221,9 @@ def metric(port: int, name: str) -> float:
 
 
 def read_ready(proc: subprocess.Popen, what: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"{what} exited with {proc.wait()}")
-        try:
-            data = json.loads(line)
-        except ValueError:
-            continue
-        if data.get("ready"):
-            return data
-    raise SystemExit(f"{what} did not get ready within {timeout:g}s")
+    from lmcache_core.controller.cli import read_ready_line
+
+    return read_ready_line(proc, what, timeout)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -21,11 +21,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from lmcache_core.controller.cli import read_ready_line
+from lmcache_core.errors import LMCacheError
 
 HERE = Path(__file__).resolve().parent
 PROMPT = [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]
@@ -49,28 +51,11 @@ def free_port(host: str) -> int:
 
 
 def wait_ready(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
-    """The JSON ready line ``proc`` prints, or an error with its stderr (bounded wait)."""
-    found: dict[str, Any] = {}
-    done = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                data = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(data, dict) and data.get("ready"):
-                found.update(data)
-                break
-        done.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not done.wait(READY_TIMEOUT) or not found:
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-        raise SystemExit(f"walkthrough: {what} did not start:\n{err[-2000:]}")
-    return found
+    """The JSON ready line ``proc`` prints; exits with its stderr when it never comes."""
+    try:
+        return read_ready_line(proc, what, READY_TIMEOUT)
+    except LMCacheError as exc:
+        raise SystemExit(f"walkthrough: {exc}") from None
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGINT) -> int:

@@ -19,8 +19,11 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 
@@ -103,6 +106,36 @@ async def _serve(args: argparse.Namespace) -> int:
                 tg.start_soon(stop_on_signal)
                 tg.start_soon(stop_when_served)
     return 0
+
+
+def read_ready_line(proc: "subprocess.Popen[str]", what: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The JSON ready line a process prints (this CLI, ``examples/instance.py``), waiting at most
+    ``timeout`` seconds; ``LMCacheError`` with the end of its stderr when it never comes.
+
+    For scripts and tests that start a controller or an instance as a subprocess (text mode,
+    stdout piped). Lines that are not a JSON object with ``"ready"`` are skipped.
+    """
+    found: dict[str, Any] = {}
+    done = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and data.get("ready"):
+                found.update(data)
+                break
+        done.set()
+
+    threading.Thread(target=read, name=f"ready-line-{proc.pid}", daemon=True).start()
+    if not done.wait(timeout) or not found:
+        proc.kill()
+        err = proc.stderr.read() if proc.stderr is not None else ""
+        raise LMCacheError(f"{what} did not get ready (exit status {proc.wait()}): {err[-3000:]}")
+    return found
 
 
 def _event_loop_options() -> dict[str, object]:

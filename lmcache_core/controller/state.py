@@ -379,6 +379,9 @@ class Controller:
         self, batch: EventBatch, arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     ) -> bool:
         """Apply one batch if it is the next in its sequence; returns whether it was applied."""
+        if batch.version != PROTOCOL_VERSION:
+            self.metrics.batches_ignored.labels("protocol_version").inc()
+            return False
         worker = self.workers.get((batch.instance_id, batch.worker_id))
         if worker is None or worker.epoch != batch.epoch:
             self.metrics.batches_ignored.labels("unknown_worker").inc()
@@ -538,7 +541,7 @@ class Controller:
             per_rank: dict[int, int] = {}
             for rank, reply in replies.items():
                 per_rank[rank] = int(reply.num_tokens or 0)
-                self._apply_clear(ranks[[w.worker_id for w in ranks].index(rank)], location, reply)
+                self._apply_clear(instance_id, rank, location, reply)
         except LMCacheError as exc:
             self.events.finish(event_id, ok=False, detail=str(exc))
             raise
@@ -550,11 +553,11 @@ class Controller:
             num_tokens_per_worker=dict(sorted(per_rank.items())) if differ else None,
         )
 
-    def _apply_clear(self, worker: WorkerState, location: str, reply: CommandReply) -> None:
+    def _apply_clear(self, instance_id: str, rank: int, location: str, reply: CommandReply) -> None:
         """Forget what a clear removed, unless the batch holding the clear is applied already."""
-        current = self.workers.get((worker.instance_id, worker.worker_id))
-        if current is not worker or (reply.epoch and reply.epoch != worker.epoch):
-            return  # the worker restarted meanwhile; its registration reset everything
+        worker = self.workers.get((instance_id, rank))
+        if worker is None or (reply.epoch and reply.epoch != worker.epoch):
+            return  # the worker left or restarted meanwhile; its registration reset everything
         loc = worker.locations.get(location)
         if loc is None:
             return

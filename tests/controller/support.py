@@ -3,12 +3,10 @@ processes, in-process engines with real workers, and polling with a deadline (ne
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -20,9 +18,11 @@ import torch
 from anyio.from_thread import start_blocking_portal
 
 from lmcache_core.config import LMCacheSettings, load_settings
+from lmcache_core.controller.cli import read_ready_line
 from lmcache_core.controller.server import ControllerHandle, running_controller
 from lmcache_core.controller.state import Controller
 from lmcache_core.engine import CacheEngine, EngineMetadata
+from lmcache_core.errors import LMCacheError
 from lmcache_core.plugins import get_plugin_manager
 from lmcache_core.worker import WorkerHandle, start_worker
 
@@ -228,25 +228,9 @@ class InstanceProcess:
 
 
 def read_json_line(proc: subprocess.Popen, key: str, what: str, timeout: float = 60.0) -> dict[str, Any]:
-    """The first stdout line of ``proc`` that is a JSON object with ``key`` (bounded wait)."""
-    found: dict[str, Any] = {}
-    done = threading.Event()
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                data = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(data, dict) and key in data:
-                found.update(data)
-                break
-        done.set()
-
-    threading.Thread(target=reader, daemon=True).start()
-    if not done.wait(timeout) or not found:
-        proc.kill()
-        err = proc.stderr.read() if proc.stderr is not None else ""
-        raise AssertionError(f"{what} did not print its {key!r} line (exit {proc.poll()}): {err[-3000:]}")
-    return found
+    """The process's JSON ready line (``key`` is always ``"ready"``); a test failure otherwise."""
+    assert key == "ready"
+    try:
+        return read_ready_line(proc, what, timeout)
+    except LMCacheError as exc:
+        raise AssertionError(str(exc)) from None
