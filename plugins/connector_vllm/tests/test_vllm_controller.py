@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from lmcache_core.controller.cli import read_ready_line
 from lmcache_core.testing import free_port
 
 from conftest import make_prompt, write_config
@@ -44,28 +44,6 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-
-
-def _wait_ready_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    """The controller's JSON ready line, read in a thread so the wait has a deadline."""
-    found: dict[str, Any] = {}
-    done = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                data = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(data, dict) and data.get("ready"):
-                found.update(data)
-                break
-        done.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    assert done.wait(timeout) and found, "the controller did not report ready"
-    return found
 
 
 def _poll(fn: Any, until: Any, timeout: float, what: str) -> Any:
@@ -94,16 +72,17 @@ def walkthrough(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> I
     http_port, bus_port, vllm_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "LMCACHE_CONFIG_FILE"}
     env["LMCACHE_WORKER_HEARTBEAT_INTERVAL"] = "0.5"
-    controller = subprocess.Popen(
-        [sys.executable, "-m", "lmcache_core.controller.cli", "--host", "127.0.0.1",
-         "--port", str(http_port), "--monitor-port", str(bus_port), "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-    )
+    with (work / "controller.log").open("w") as controller_log:
+        controller = subprocess.Popen(
+            [sys.executable, "-m", "lmcache_core.controller.cli", "--host", "127.0.0.1",
+             "--port", str(http_port), "--monitor-port", str(bus_port), "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, stderr=controller_log, text=True, env=env,
+        )
     log_path = work / "vllm.log"
     server: subprocess.Popen[bytes] | None = None
     result = Walkthrough()
     try:
-        _wait_ready_line(controller, 60)
+        read_ready_line(controller, "the controller", timeout=60)
         config = write_config(
             work / "lmcache.yaml",
             chunk_size=256,
