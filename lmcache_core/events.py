@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from lmcache_core.keys import ChunkKey
 
@@ -24,9 +24,12 @@ class EventKind(enum.IntEnum):
     CLEAR = 3  # the whole location was emptied; ``key`` is None, ``num_tokens`` the total removed
 
 
-@dataclass(frozen=True, slots=True)
-class KVEvent:
-    """One change at one location, numbered by ``seq`` (1, 2, 3 ... per location)."""
+class KVEvent(NamedTuple):
+    """One change at one location, numbered by ``seq`` (1, 2, 3 ... per location).
+
+    A named tuple rather than a frozen dataclass: it is built for every admit and evict, and
+    a frozen dataclass costs several times more to construct.
+    """
 
     kind: EventKind
     location: str
