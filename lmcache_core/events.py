@@ -39,6 +39,7 @@ class KVEvent(NamedTuple):
 
 
 Subscriber = Callable[[KVEvent], None]
+_ADMIT, _EVICT = EventKind.ADMIT, EventKind.EVICT  # looked up once: enum attributes are slow
 
 
 class EventBus:
@@ -63,8 +64,7 @@ class EventBus:
 
     def emit(self, kind: EventKind, location: str, key: ChunkKey | None, num_tokens: int) -> None:
         with self._lock:
-            seq = self._seq.get(location, 0) + 1
-            self._seq[location] = seq
+            seq = self._seq[location] = self._seq.get(location, 0) + 1
             event = KVEvent(kind, location, key, num_tokens, seq)
             for callback in self._subscribers:
                 callback(event)
@@ -89,10 +89,10 @@ class EventSink:
         self.location = location
 
     def admitted(self, key: ChunkKey, num_tokens: int) -> None:
-        self._bus.emit(EventKind.ADMIT, self.location, key, num_tokens)
+        self._bus.emit(_ADMIT, self.location, key, num_tokens)
 
     def evicted(self, key: ChunkKey, num_tokens: int) -> None:
-        self._bus.emit(EventKind.EVICT, self.location, key, num_tokens)
+        self._bus.emit(_EVICT, self.location, key, num_tokens)
 
     def cleared(self, num_tokens: int) -> None:
         self._bus.emit(EventKind.CLEAR, self.location, None, num_tokens)
