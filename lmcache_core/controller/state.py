@@ -38,6 +38,7 @@ from lmcache_core.controller.errors import (
     WorkerUnavailableError,
 )
 from lmcache_core.controller.index import KVIndex
+from lmcache_core.controller.layout import LayoutTable
 from lmcache_core.controller.metrics import ControllerMetrics
 from lmcache_core.controller.models import (
     CheckFinishResponse,
@@ -198,9 +199,8 @@ class Controller:
         #: holder id -> what lookups need about it, precomputed so the hot loop reads tuples
         self._holders: dict[int, HolderMeta] = {}
         self._groups: dict[HashingKey, _Group] = {}
-        #: per instance: its world size, and its location names by position (rank 0's, else the first rank's)
-        self._world_size: dict[str, int] = {}
-        self._location_names: dict[str, list[str]] = {}
+        #: what lookups need about every live holder, as arrays
+        self._layout = LayoutTable()
         self._subscriptions: list[Subscription] = []
         self._tg: TaskGroup | None = None
         self._last_hello = 0.0
@@ -260,6 +260,7 @@ class Controller:
         for loc in worker.locations.values():
             self.index.remove_holder(loc.holder)
             self._holders.pop(loc.holder, None)
+            self._layout.drop_holder(loc.holder)
         key = (worker.instance_id, worker.worker_id)
         self.workers.pop(key, None)
         ranks = self.instances.get(worker.instance_id)
@@ -316,6 +317,7 @@ class Controller:
                 if name not in kept:
                     self.index.remove_holder(loc.holder)
                     self._holders.pop(loc.holder, None)
+                    self._layout.drop_holder(loc.holder)
             for loc in kept.values():
                 loc.awaiting_reset = True
             locations = {name: kept.get(name) or self._new_location(reg, name) for name in reg.locations}
@@ -342,6 +344,7 @@ class Controller:
             self._holders[loc.holder] = HolderMeta(
                 worker, loc, reg.instance_id, key, reg.model_name, loc.name, loc.position
             )
+            self._layout.set_holder(loc.holder, reg.instance_id, reg.worker_id, reg.model_name, loc.position)
         group = self._groups.get(hashing)
         if group is None:
             group = self._groups[hashing] = _Group(TokenHasher(reg.hashing.chunk_size, reg.hashing.namespace))
@@ -351,14 +354,13 @@ class Controller:
         return RegistrationAck(accepted=True, resync=True)
 
     def _describe_instance(self, instance_id: str) -> None:
+        """Tell the layout table an instance's world size and location names (rank 0's, or the lowest rank's)."""
         ranks = self.instances.get(instance_id)
         if not ranks:
-            self._world_size.pop(instance_id, None)
-            self._location_names.pop(instance_id, None)
+            self._layout.set_instance(instance_id, 0, [])
             return
         first = ranks[min(ranks)]
-        self._world_size[instance_id] = first.registration.world_size
-        self._location_names[instance_id] = list(first.locations)
+        self._layout.set_instance(instance_id, first.registration.world_size, list(first.locations))
 
     def _new_location(self, reg: WorkerRegistration, name: str) -> LocationState:
         holder = self.index.holder_id(reg.instance_id, reg.worker_id, name)
@@ -600,8 +602,8 @@ class Controller:
     ) -> dict[str, list[Any]]:
         """Per instance holding a prefix of ``tokens``: [location holding most of it, tokens].
 
-        Hashes once per hashing group; the per-holder work is a few numpy calls over a
-        (holders x chunks) matrix, so the cost barely grows with the number of instances.
+        Hashes once per hashing group; ``LayoutTable`` turns the index's per-holder answer into
+        per-instance prefixes with a few array operations.
         """
         n_tokens = len(tokens)
         limit = self.settings.controller_max_lookup_tokens
@@ -612,77 +614,11 @@ class Controller:
         if n_tokens == 0 or not self._groups:
             return {}
         arr = tokens if isinstance(tokens, np.ndarray) else as_token_array(tokens)
-        # rank level (one entry per (instance, rank) holding something), over every group
-        rank_inst: list[str] = []
-        rank_sizes: list[int] = []
-        rank_prefix: list[np.ndarray] = []
-        # holder level, for picking each instance's location
-        matches: list[tuple[np.ndarray, list[HolderMeta], int]] = []
+        answers = []
         for group in self._groups.values():
             hashes = np.array(group.hasher.hashes(arr), dtype=np.uint64)
-            found = self.index.lookup(hashes)
-            if not found:
-                continue
-            rows: list[np.ndarray] = []
-            metas: list[HolderMeta] = []
-            known = self._holders
-            for holder, mask in found.items():
-                meta = known.get(holder)
-                if meta is None:
-                    continue
-                if instance_id is not None and meta.instance_id != instance_id:
-                    continue
-                if model is not None and meta.model != model:
-                    continue
-                rows.append(mask)
-                metas.append(meta)
-            if not rows:
-                continue
-            masks = np.stack(rows)
-            # a rank holds a chunk when any of its locations does: OR the rows of each rank
-            rank_ids: dict[tuple[str, int], int] = {}
-            rank_of_row = np.array([rank_ids.setdefault(m.rank, len(rank_ids)) for m in metas], dtype=np.intp)
-            order = np.argsort(rank_of_row, kind="stable")
-            sorted_ranks = rank_of_row[order]
-            starts = np.flatnonzero(np.concatenate(([True], sorted_ranks[1:] != sorted_ranks[:-1])))
-            union = np.logical_or.reduceat(masks[order], starts, axis=0)
-            n_chunks = np.where(union.all(axis=1), union.shape[1], union.argmin(axis=1))
-            cs = group.hasher.chunk_size
-            rank_prefix.append(np.minimum(n_chunks * cs, n_tokens))
-            rank_inst.extend(key[0] for key in rank_ids)
-            rank_sizes.extend(self._world_size[key[0]] for key in rank_ids)
-            matches.append((masks, metas, cs))
-        if not rank_inst:
-            return {}
-        # an instance's prefix is the shortest of its ranks'; a rank holding nothing counts 0
-        inst_ids: dict[str, int] = {}
-        inst_of_rank = np.array([inst_ids.setdefault(name, len(inst_ids)) for name in rank_inst], dtype=np.intp)
-        prefix = np.concatenate(rank_prefix)
-        order = np.argsort(inst_of_rank, kind="stable")
-        sorted_inst = inst_of_rank[order]
-        starts = np.flatnonzero(np.concatenate(([True], sorted_inst[1:] != sorted_inst[:-1])))
-        inst_prefix = np.minimum.reduceat(prefix[order], starts)
-        ranks_seen = np.bincount(inst_of_rank, minlength=len(inst_ids))
-        world = np.array(rank_sizes, dtype=np.intp)[order][starts]
-        inst_prefix[ranks_seen < world] = 0
-        if not inst_prefix.any():
-            return {}
-        # per instance and location: chunks of the credited prefix held, summed over ranks;
-        # most chunks wins, ties go to the fastest (lowest position: registration order)
-        width = 1 + max(m.position for _, metas, _ in matches for m in metas)
-        totals = np.zeros(len(inst_ids) * width, dtype=np.int64)
-        for masks, metas, cs in matches:
-            row_inst = np.array([inst_ids[m.instance_id] for m in metas], dtype=np.intp)
-            upto = -(-inst_prefix[row_inst] // cs)
-            counts = (masks & (np.arange(masks.shape[1]) < upto[:, None])).sum(axis=1)
-            keys = row_inst * width + np.array([m.position for m in metas], dtype=np.intp)
-            totals += np.bincount(keys, weights=counts, minlength=len(totals)).astype(np.int64)
-        best = totals.reshape(len(inst_ids), width).argmax(axis=1).tolist()
-        matched = inst_prefix.tolist()
-        names = self._location_names
-        return {
-            inst: [names[inst][best[i]], matched[i]] for inst, i in inst_ids.items() if matched[i] > 0
-        }
+            answers.append((self.index.lookup(hashes), group.hasher.chunk_size))
+        return self._layout.layout(answers, n_tokens, instance_id=instance_id, model=model)
 
     # --- introspection -----------------------------------------------------------------------
     def worker_info(self, worker: WorkerState) -> WorkerInfo:
