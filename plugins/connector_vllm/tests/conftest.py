@@ -40,7 +40,13 @@ def write_config(path: Path, **settings: Any) -> Path:
     return path
 
 
-def run_vllm(job: dict[str, Any], workdir: Path, config_file: Path, name: str) -> VllmRun:
+def run_vllm(
+    job: dict[str, Any],
+    workdir: Path,
+    config_file: Path,
+    name: str,
+    extra_env: dict[str, str] | None = None,
+) -> VllmRun:
     """Run ``vllm_runner.py`` with ``job``; fail with the log's tail if it fails."""
     job = dict(job, result_file=str(workdir / f"{name}.json"))
     job_file = workdir / f"{name}_job.json"
@@ -52,6 +58,7 @@ def run_vllm(job: dict[str, Any], workdir: Path, config_file: Path, name: str) -
         VLLM_CPU_KVCACHE_SPACE="1",  # GiB of KV cache: plenty for these prompts
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra_env or {})
     with log_file.open("w") as log:
         proc = subprocess.run(
             [sys.executable, str(RUNNER), str(job_file)],

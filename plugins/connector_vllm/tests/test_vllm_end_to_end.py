@@ -154,3 +154,26 @@ def test_connector_loads_by_module_path_and_by_registered_name(
     assert "kv_connector_module_path=None" in two_instances.b.log
     for run in (two_instances.a, two_instances.b):
         assert "lmcache connector worker 0: locations ['LocalCPUBackend', 'LocalDiskBackend']" in run.log
+
+
+def test_scheduler_and_worker_in_one_process_find_hits_without_a_second_process(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """``VLLM_ENABLE_V1_MULTIPROCESSING=0``: both connector roles live in the caller's process."""
+    config = write_config(tmp_path / "lmcache.yaml", chunk_size=CHUNK, max_local_cpu_size=0.25)
+    prompt = make_prompt(3)
+    run = run_vllm(
+        {
+            "model": str(tiny_model),
+            "connector": "plugin",
+            "steps": [{"prompt": prompt, "max_tokens": 8}, {"prompt": prompt, "max_tokens": 8}],
+        },
+        tmp_path,
+        config,
+        "inproc",
+        extra_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
+    first, second = run.outputs
+    assert second["num_cached_tokens"] == HIT
+    assert second["token_ids"] == first["token_ids"]
+    assert "(EngineCore" not in run.log and "(Worker" not in run.log  # one process did it all
