@@ -1,0 +1,200 @@
+"""Both connector roles in this process, driven through vLLM's own data classes.
+
+A real ``VllmConfig`` (of the tiny model), real ``Request``, ``KVCacheBlocks`` and
+``SchedulerOutput`` objects, real KV tensors in the CPU backend's shape and a real
+``CacheEngine``: the calls vLLM's scheduler and model runner make, in their order, without
+starting vLLM's processes (those runs are in test_vllm_end_to_end.py).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.kv_cache_interface import KVCacheConfig
+from vllm.v1.request import Request
+
+from lmcache_core.errors import ConfigError
+
+from lmcache_connector_vllm.connector import LMCacheConnectorMetadata, LMCacheConnectorV1
+
+from conftest import write_config
+
+BS = 32  # vLLM's CPU backend wants multiples of 32
+NUM_BLOCKS = 24
+LAYERS = 2
+
+
+def vllm_config(model: Path) -> VllmConfig:
+    return VllmConfig(
+        model_config=ModelConfig(model=str(model), skip_tokenizer_init=True, dtype="float32"),
+        cache_config=CacheConfig(block_size=BS),
+        kv_transfer_config=KVTransferConfig(
+            kv_connector="LMCacheConnectorV1",
+            kv_connector_module_path="lmcache_connector_vllm.connector",
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+        ),
+    )
+
+
+@dataclass
+class Pair:
+    scheduler: LMCacheConnectorV1
+    worker: LMCacheConnectorV1
+    kv: dict[str, torch.Tensor]
+
+
+@pytest.fixture
+def pair(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Pair]:
+    config = write_config(tmp_path / "lmcache.yaml", chunk_size=2 * BS, max_local_cpu_size=0.05)
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(config))
+    vc = vllm_config(tiny_model)
+    kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[])
+    worker = LMCacheConnectorV1(vc, KVConnectorRole.WORKER, kv_cache_config)
+    scheduler = LMCacheConnectorV1(vc, KVConnectorRole.SCHEDULER, kv_cache_config)
+    gen = torch.Generator().manual_seed(0)
+    # the CPU attention backend's shape: [blocks, kv_heads, block_size, 2 * head_size]
+    kv = {
+        f"model.layers.{i}.self_attn.attn": torch.randn(NUM_BLOCKS, 2, BS, 128, generator=gen)
+        for i in range(LAYERS)
+    }
+    worker.register_kv_caches(kv)
+    yield Pair(scheduler, worker, kv)
+    scheduler.shutdown()
+    worker.shutdown()
+
+
+def request(req_id: str, prompt: list[int]) -> Request:
+    return Request(req_id, prompt, SamplingParams(max_tokens=4), None)
+
+
+def blocks(ids: list[int]) -> KVCacheBlocks:
+    return KVCacheBlocks((tuple(KVCacheBlock(i) for i in ids),))
+
+
+def schedule_new(
+    pair: Pair, req: Request, block_ids: list[int], num_computed: int
+) -> LMCacheConnectorMetadata:
+    """One scheduler step admitting ``req``, then its metadata bound on the worker."""
+    num_new = len(req.prompt_token_ids) - num_computed
+    output = SchedulerOutput(
+        scheduled_new_reqs=[
+            NewRequestData(
+                req_id=req.request_id, prompt_token_ids=req.prompt_token_ids, mm_features=[],
+                sampling_params=req.sampling_params, pooling_params=None,
+                block_ids=(block_ids,), num_computed_tokens=num_computed, lora_request=None,
+            )
+        ],
+        scheduled_cached_reqs=CachedRequestData.make_empty(),
+        num_scheduled_tokens={req.request_id: num_new},
+        total_num_scheduled_tokens=num_new,
+        scheduled_spec_decode_tokens={},
+        scheduled_encoder_inputs={},
+        finished_req_ids=set(),
+        free_encoder_mm_hashes=[],
+    )
+    meta = pair.scheduler.build_connector_meta(output)
+    assert isinstance(meta, LMCacheConnectorMetadata)
+    pair.worker.bind_connector_metadata(meta)
+    return meta
+
+
+def run_step(pair: Pair) -> set[int]:
+    """What the model runner does around a forward pass; returns the failed block ids."""
+    pair.worker.start_load_kv(None)  # type: ignore[arg-type]  # the connector reads no context
+    pair.worker.wait_for_save()
+    pair.worker.clear_connector_metadata()
+    return pair.worker.get_block_ids_with_load_errors()
+
+
+def prompt_of(length: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 1000) for _ in range(length)]
+
+
+def test_prompt_stored_by_one_request_is_loaded_into_another_requests_blocks(pair: Pair) -> None:
+    prompt = prompt_of(5 * BS + 10)
+    first = request("a", prompt)
+    assert pair.scheduler.get_num_new_matched_tokens(first, 0) == (0, False)
+    pair.scheduler.update_state_after_alloc(first, blocks([0, 1, 2, 3, 4, 5]), 0)
+    meta = schedule_new(pair, first, [0, 1, 2, 3, 4, 5], 0)
+    assert [s.block_ids for s in meta.saves] == [[0, 1, 2, 3, 4]]  # whole blocks only
+    assert run_step(pair) == set()
+    assert pair.scheduler.request_finished(first, [0, 1, 2, 3, 4, 5]) == (False, None)
+
+    second = request("b", prompt)
+    assert pair.scheduler.get_num_new_matched_tokens(second, 0) == (5 * BS, False)
+    target = [10, 11, 12, 13, 14, 15]
+    pair.scheduler.update_state_after_alloc(second, blocks(target), 5 * BS)
+    meta = schedule_new(pair, second, target, 5 * BS)
+    assert [(ld.start, ld.end) for ld in meta.loads] == [(0, 5 * BS)]
+    assert run_step(pair) == set()
+    for kv in pair.kv.values():
+        assert torch.equal(kv[10:15], kv[0:5])
+
+
+def test_chunk_removed_after_the_lookup_fails_its_blocks_and_the_request_is_not_stored(
+    pair: Pair,
+) -> None:
+    prompt = prompt_of(4 * BS + 1, seed=1)
+    first = request("a", prompt)
+    pair.scheduler.get_num_new_matched_tokens(first, 0)
+    pair.scheduler.update_state_after_alloc(first, blocks([0, 1, 2, 3, 4]), 0)
+    schedule_new(pair, first, [0, 1, 2, 3, 4], 0)
+    run_step(pair)
+
+    second = request("b", prompt)
+    assert pair.scheduler.get_num_new_matched_tokens(second, 0) == (4 * BS, False)
+    pair.scheduler.update_state_after_alloc(second, blocks([8, 9, 10, 11, 12]), 4 * BS)
+    # the second chunk (blocks 2 and 3 of the prompt) disappears before the worker loads it
+    engine = pair.worker._engine
+    assert engine is not None
+    key = engine.keys.key(engine.hasher.hashes(prompt[: 4 * BS])[1])
+    assert all(backend.remove(key) for backend in engine.backends.values())
+    untouched = {name: kv[10:12].clone() for name, kv in pair.kv.items()}
+    schedule_new(pair, second, [8, 9, 10, 11, 12], 4 * BS)
+    assert run_step(pair) == {10, 11}
+    for name, kv in pair.kv.items():
+        assert torch.equal(kv[8:10], kv[0:2])  # the first chunk did load
+        assert torch.equal(kv[10:12], untouched[name])  # nothing half-written
+    # blocks 10 and 11 hold no valid KV, so the request's prompt was not stored again
+    assert engine.lookup(prompt[: 4 * BS]) == 2 * BS
+
+
+def test_stored_chunk_of_another_shape_is_never_loaded(pair: Pair) -> None:
+    prompt = prompt_of(2 * BS + 1, seed=2)
+    engine = pair.worker._engine
+    assert engine is not None
+    # a chunk under the same key but with one layer fewer (say, another model's files)
+    engine.store(prompt[: 2 * BS], kv=torch.zeros(LAYERS - 1, 2 * BS, 256), token_dim=1)
+    req = request("c", prompt)
+    assert pair.scheduler.get_num_new_matched_tokens(req, 0) == (2 * BS, False)
+    pair.scheduler.update_state_after_alloc(req, blocks([5, 6, 7]), 2 * BS)
+    before = {name: kv[5:7].clone() for name, kv in pair.kv.items()}
+    schedule_new(pair, req, [5, 6, 7], 2 * BS)
+    assert run_step(pair) == {5, 6}
+    for name, kv in pair.kv.items():
+        assert torch.equal(kv[5:7], before[name])
+
+
+def test_chunk_size_that_is_not_a_multiple_of_the_block_size_is_refused(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path / "lmcache.yaml", chunk_size=BS + 8)
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(config))
+    kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[])
+    with pytest.raises(ConfigError, match=f"chunk_size {BS + 8} must be a multiple of vLLM's block size {BS}"):
+        LMCacheConnectorV1(vllm_config(tiny_model), KVConnectorRole.SCHEDULER, kv_cache_config)
