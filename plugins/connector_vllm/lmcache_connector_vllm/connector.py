@@ -173,6 +173,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         # scheduler side
         self._clients: list[LookupClient] = []
         self._planner: LoadPlanner | None = None
+        self._loads_enabled = False
 
         if role == KVConnectorRole.WORKER:
             rank = _worker_rank()
@@ -201,8 +202,13 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
                     self._kv_transfer_config.kv_load_failure_policy,
                 )
             self._clients = [LookupClient(p, self._lookup_timeout) for p in self._channels]
+            # kv_role: a producer only stores, a consumer only loads, kv_both does both
+            self._loads_enabled = bool(self._kv_transfer_config.is_kv_consumer)
             self._planner = LoadPlanner(
-                self._block_size, self._settings.chunk_size, self._lookup_all_ranks
+                self._block_size,
+                self._settings.chunk_size,
+                self._lookup_all_ranks,
+                save=bool(self._kv_transfer_config.is_kv_producer),
             )
 
     # ==============================================================================
@@ -314,7 +320,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
                 # a failed save is a future miss, never a failed request
                 log.warning("lmcache store for request %s failed: %s", spec.req_id, exc)
                 continue
-            log.info(
+            log.debug(
                 "lmcache: request %s stored %d new of %d tokens",
                 spec.req_id, stored, len(spec.token_ids),
             )
@@ -360,6 +366,8 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         """Cached whole blocks beyond ``num_computed_tokens``, loaded synchronously."""
         assert self._planner is not None
+        if not self._loads_enabled:
+            return 0, False
         prompt = request.prompt_token_ids
         return (
             self._planner.num_new_matched_tokens(request.request_id, prompt, num_computed_tokens),

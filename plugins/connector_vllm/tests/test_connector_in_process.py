@@ -35,14 +35,14 @@ NUM_BLOCKS = 24
 LAYERS = 2
 
 
-def vllm_config(model: Path) -> VllmConfig:
+def vllm_config(model: Path, kv_role: str = "kv_both") -> VllmConfig:
     return VllmConfig(
         model_config=ModelConfig(model=str(model), skip_tokenizer_init=True, dtype="float32"),
         cache_config=CacheConfig(block_size=BS),
         kv_transfer_config=KVTransferConfig(
             kv_connector="LMCacheConnectorV1",
             kv_connector_module_path="lmcache_connector_vllm.connector",
-            kv_role="kv_both",
+            kv_role=kv_role,
             kv_load_failure_policy="recompute",
         ),
     )
@@ -198,3 +198,30 @@ def test_chunk_size_that_is_not_a_multiple_of_the_block_size_is_refused(
     kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[])
     with pytest.raises(ConfigError, match=f"chunk_size {BS + 8} must be a multiple of vLLM's block size {BS}"):
         LMCacheConnectorV1(vllm_config(tiny_model), KVConnectorRole.SCHEDULER, kv_cache_config)
+
+
+@pytest.mark.parametrize(("kv_role", "saves", "loads"), [("kv_producer", True, False), ("kv_consumer", False, True)])
+def test_producer_only_stores_and_consumer_only_loads(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, kv_role: str, saves: bool, loads: bool
+) -> None:
+    config = write_config(tmp_path / "lmcache.yaml", chunk_size=2 * BS, max_local_cpu_size=0.05)
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(config))
+    kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[])
+    vc = vllm_config(tiny_model, kv_role)
+    worker = LMCacheConnectorV1(vc, KVConnectorRole.WORKER, kv_cache_config)
+    scheduler = LMCacheConnectorV1(vc, KVConnectorRole.SCHEDULER, kv_cache_config)
+    try:
+        worker.register_kv_caches({"l0": torch.zeros(NUM_BLOCKS, 2, BS, 128)})
+        pair = Pair(scheduler, worker, {})
+        prompt = prompt_of(3 * BS, seed=3)
+        assert worker._engine is not None
+        worker._engine.store(prompt[: 2 * BS], kv=torch.zeros(1, 2 * BS, 256), token_dim=1)
+        req = request("p", prompt)
+        matched, _ = scheduler.get_num_new_matched_tokens(req, 0)
+        assert (matched > 0) is loads
+        scheduler.update_state_after_alloc(req, blocks([0, 1, 2]), matched)
+        meta = schedule_new(pair, req, [0, 1, 2], matched)
+        assert bool(meta.saves) is saves
+    finally:
+        scheduler.shutdown()
+        worker.shutdown()
