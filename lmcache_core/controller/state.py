@@ -49,6 +49,7 @@ from lmcache_core.controller.models import (
     WorkerInfo,
 )
 from lmcache_core.errors import LMCacheError, NoResponders, RequestTimeout, TransportError, UnknownLocationError
+from lmcache_core.events import EventKind
 from lmcache_core.keys import HASH_SCHEME, TokenHasher, as_token_array
 from lmcache_core.transport import Message, MessageBus, Subscription
 from lmcache_core.wire import (
@@ -413,7 +414,10 @@ class Controller:
             self.index.clear_holder(loc.holder)
             loc.awaiting_reset = False
         if len(kinds):
-            self.index.apply(loc.holder, kinds, hashes, tokens)
+            if kinds[0] == EventKind.ADMIT and (kinds == EventKind.ADMIT).all():
+                self.index.admit(loc.holder, hashes, tokens)  # the common batch: admits only
+            else:
+                self.index.apply(loc.holder, kinds, hashes, tokens)
         loc.applied_seq = batch.seq
         self.metrics.events_applied.inc(len(kinds))
         return True
