@@ -142,6 +142,8 @@ class HolderMeta(NamedTuple):
 
 @dataclass
 class EventRecord:
+    """What ``/check_finish`` reports about one event id."""
+
     kind: str
     status: str = "running"
     detail: str | None = None
@@ -593,6 +595,7 @@ class Controller:
         return HealthResponse(event_id=event_id, error_codes=dict(sorted(codes.items())), errors=messages)
 
     def check_finish(self, event_id: str) -> CheckFinishResponse | None:
+        """The status of an event id this controller handed out; None when unknown (or forgotten)."""
         record = self.events.get(event_id)
         if record is None:
             return None
@@ -626,6 +629,7 @@ class Controller:
 
     # --- introspection -----------------------------------------------------------------------
     def worker_info(self, worker: WorkerState) -> WorkerInfo:
+        """One worker as ``/query_worker_info`` and ``/instances`` describe it."""
         locations = {}
         for name, loc in worker.locations.items():
             chunks, tokens = self.index.holder_stats(loc.holder)
@@ -650,6 +654,7 @@ class Controller:
         )
 
     def worker_infos(self, instance_id: str, worker_ids: list[int] | None = None) -> list[WorkerInfo]:
+        """The given ranks of an instance (every rank when None); unknown ones raise ``UnknownWorkerError``."""
         ranks = {w.worker_id: w for w in self._ranks(instance_id)}
         wanted = sorted(ranks) if worker_ids is None else list(dict.fromkeys(worker_ids))
         missing = [r for r in wanted if r not in ranks]
@@ -658,6 +663,7 @@ class Controller:
         return [self.worker_info(ranks[r]) for r in wanted]
 
     def instance_infos(self) -> list[InstanceInfo]:
+        """Every registered instance with its workers and totals, sorted by id."""
         out = []
         for inst in sorted(self.instances):
             workers = [self.worker_info(w) for w in self._ranks(inst)]
