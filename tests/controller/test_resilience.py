@@ -24,7 +24,7 @@ def test_a_killed_instance_leaves_the_index_within_the_heartbeat_timeout(
         wait_for(lambda: controller.lookup(PROMPT) == {}, timeout=HEARTBEAT_TIMEOUT + 10, what="entries removed")
         elapsed = time.monotonic() - killed
         # the timeout counts from the last heartbeat (<= one interval before the kill) plus one check period
-        assert elapsed <= HEARTBEAT_TIMEOUT + 0.5, elapsed
+        assert elapsed <= HEARTBEAT_TIMEOUT + 1.0, elapsed
         assert controller.client.get("/instances").json() == {"instances": []}
         assert controller.call(controller.controller.index.num_entries) == 0
     finally:
