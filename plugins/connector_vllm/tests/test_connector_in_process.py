@@ -28,7 +28,7 @@ from lmcache_core.errors import ConfigError
 
 from lmcache_connector_vllm.connector import LMCacheConnectorMetadata, LMCacheConnectorV1
 
-from conftest import write_config
+from vllm_helpers import write_config
 
 BS = 32  # vLLM's CPU backend wants multiples of 32
 NUM_BLOCKS = 24

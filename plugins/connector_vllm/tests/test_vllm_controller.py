@@ -29,7 +29,7 @@ import pytest
 from lmcache_core.controller.cli import read_ready_line
 from lmcache_core.testing import free_port
 
-from conftest import make_prompt, write_config
+from vllm_helpers import make_prompt, write_config
 
 INSTANCE = "vllm-serve-test"
 HIT = 1024

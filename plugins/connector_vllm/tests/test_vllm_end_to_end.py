@@ -13,7 +13,6 @@ Two vLLM processes serve the whole module (starting vLLM dominates the runtime):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 
 from lmcache_core.keys import TokenHasher
 
-from conftest import VllmRun, make_prompt, run_vllm, write_config
+from vllm_helpers import VllmRun, make_prompt, run_vllm, write_config
 
 CHUNK = 256
 #: the longest hits with 128-token blocks (whole blocks before the last token) for prompts of
