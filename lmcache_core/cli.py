@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from lmcache_core import cli_nats
 from lmcache_core.errors import LMCacheError
 
 
@@ -25,12 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plugins = sub.add_parser("plugins", help="print every loaded plugin as JSON")
     plugins.set_defaults(func=_cmd_plugins)
-    try:
-        from lmcache_core import cli_nats
-    except ImportError:  # written by the controller issue; absent in minimal installs
-        pass
-    else:
-        cli_nats.register(sub)
+    cli_nats.register(sub)
     return parser
 
 
