@@ -22,7 +22,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmcache", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lmcache", description="Operator tools of lmcache-core: loaded plugins, workers on the bus."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plugins = sub.add_parser("plugins", help="print every loaded plugin as JSON")
     plugins.set_defaults(func=_cmd_plugins)
