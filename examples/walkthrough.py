@@ -26,8 +26,10 @@ from typing import Any
 
 import httpx
 
+from lmcache_connector_vllm.demo import show_call, stop_process
 from lmcache_core.controller.cli import read_ready_line
 from lmcache_core.errors import LMCacheError
+from lmcache_core.testing import free_port
 
 HERE = Path(__file__).resolve().parent
 PROMPT = [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]
@@ -44,37 +46,12 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_ready(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
     """The JSON ready line ``proc`` prints; exits with its stderr when it never comes."""
     try:
         return read_ready_line(proc, what, READY_TIMEOUT)
     except LMCacheError as exc:
         raise SystemExit(f"walkthrough: {exc}") from None
-
-
-def stop(proc: subprocess.Popen[str], sig: int = signal.SIGINT) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
-
-
-def call(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    print(f"$ curl -X POST {client.base_url}{path} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
-    response = client.post(path, json=body)
-    data = response.json()
-    print(f"  -> {response.status_code} {json.dumps(data)}")
-    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
                     ("/lookup", lookup, "layout_info", {}),
                 ]
                 for path, body, key, expected in steps:
-                    got = call(client, path, body).get(key)
+                    got = show_call(client, path, body).json().get(key)
                     if got != expected:
                         ok = False
                         print(f"  !! expected {key} = {json.dumps(expected)}")
         finally:
             for proc in reversed(procs):  # the instance first, then the controller (and its NATS)
-                code = stop(proc)
+                code = stop_process(proc, timeout=20)
                 if code not in (0, -signal.SIGINT):
                     ok = False
                     err = proc.stderr.read() if proc.stderr else ""

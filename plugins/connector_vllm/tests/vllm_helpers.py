@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from lmcache_connector_vllm.demo import make_prompt, write_config  # noqa: F401  (re-exported for the tests)
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 #: every vLLM start in these tests must finish within this many seconds
@@ -24,17 +23,6 @@ class VllmRun:
 
     outputs: list[dict[str, Any]]
     log: str
-
-
-def make_prompt(seed: int, length: int = 1100, vocab: int = 1024) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, vocab) for _ in range(length)]
-
-
-def write_config(path: Path, **settings: Any) -> Path:
-    """An lmcache YAML config file (what ``LMCACHE_CONFIG_FILE`` names)."""
-    path.write_text(yaml.safe_dump(settings))
-    return path
 
 
 def run_vllm(
