@@ -338,6 +338,27 @@ def test_lookups_of_many_hashes_match_lookups_of_few() -> None:
         assert int(whole[h].sum()) == index.holder_stats(h)[0]
 
 
+def test_lookup_grid_gives_the_same_answer_as_lookup_as_two_arrays() -> None:
+    rng = np.random.default_rng(8)
+    index = KVIndex(rebuild_step=64)
+    holders = [index.holder_id("i", w, "cpu") for w in range(20)]
+    hashes = rng.integers(0, 2**64, 6000, dtype=np.uint64, endpoint=False)
+    paths = set()
+    for step, h in enumerate(holders * 3):
+        index.admit(h, hashes[step::11], np.ones(len(hashes[step::11]), np.uint32))
+        for query in (hashes[:32], hashes[step * 7 : step * 7 + 300], hashes, hashes[:0]):
+            paths.add((index.rebuilding, len(query)))
+            ids, masks = index.lookup_grid(query)
+            assert ids.dtype == np.int64 and masks.dtype == bool
+            assert masks.shape == (len(ids), len(query))
+            assert len(set(ids.tolist())) == len(ids)
+            by_dict = index.lookup(query)
+            assert sorted(ids.tolist()) == sorted(by_dict)
+            for holder, mask in zip(ids.tolist(), masks):
+                assert np.array_equal(mask, by_dict[holder]) and mask.any()
+    assert {rebuilding for rebuilding, _ in paths} == {False, True}
+
+
 def test_longest_prefix_counts_leading_hits() -> None:
     assert longest_prefix(np.array([], dtype=bool)) == 0
     assert longest_prefix(np.array([False, True])) == 0

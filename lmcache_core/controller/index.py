@@ -557,6 +557,13 @@ class KVIndex:
 
     def lookup(self, hashes: np.ndarray) -> dict[int, np.ndarray]:
         """For each holder holding any of ``hashes``: a bool mask of which ones it holds."""
+        holders, masks = self.lookup_grid(hashes)
+        return dict(zip(holders.tolist(), masks))
+
+    def lookup_grid(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``lookup`` as two arrays: the ids of the holders holding any of ``hashes`` (int64,
+        ascending by internal row, not by id) and a (holders x hashes) bool matrix of which
+        ones each holds. The controller's path: no per-holder Python objects are built."""
         if type(hashes) is np.ndarray and hashes.dtype == np.uint64 and hashes.ndim == 1:
             keys = hashes  # the usual call: skip the checks' function call
         else:
@@ -565,10 +572,9 @@ class KVIndex:
         mixed = keys * _GOLDEN
         if self._old is None and self._next_row * n <= _DENSE_MASK_LIMIT and n:
             # the common case in as few numpy calls as possible (Table.windows, inlined): every
-            # window slot marks one cell of a (query, holder row) grid, and slots of other keys
+            # window slot marks one cell of a (holder row, query) grid, and slots of other keys
             # or of dead holders mark holder row 0, which is then dropped
             table = self._table
-            width = self._next_row
             start = table.home(mixed)
             lens = table.end.take(start >> _BUCKET_SHIFT)
             lens -= start
@@ -579,12 +585,13 @@ class KVIndex:
             slots += _ramp(int(ends[-1]))
             cell = self._row_of.take(table.hold.take(slots))
             cell *= table.keys.take(slots) == mixed.repeat(lens)
-            cell += (_ramp(n) * width).repeat(lens)
-            grid = np.zeros((n, width), dtype=bool)
+            cell *= n
+            cell += _ramp(n).repeat(lens)
+            grid = np.zeros((self._next_row, n), dtype=bool)
             grid.reshape(-1)[cell] = True
-            grid[:, 0] = False
-            held = grid.any(axis=0).nonzero()[0]
-            return dict(zip(self._row_holder.take(held).tolist(), grid.T[held]))
+            grid[0] = False
+            held = grid.any(axis=1).nonzero()[0]
+            return self._row_holder.take(held), grid.take(held, axis=0)
         if self._old is None:
             rows, incs = self._table.find_all(mixed)
         else:
@@ -595,8 +602,6 @@ class KVIndex:
             ]
             rows = np.concatenate([f[0] for f in found])
             incs = np.concatenate([f[1] for f in found])
-        if not rows.size:
-            return {}
         owner = self._row_of.take(incs)  # empty slots, tombstones and dead incarnations: row 0
         if self._next_row * n <= _DENSE_MASK_LIMIT:
             owner *= n
@@ -605,14 +610,14 @@ class KVIndex:
             masks.reshape(-1)[owner] = True
             masks[0] = False
             held = np.flatnonzero(masks.any(axis=1))
-            return dict(zip(self._row_holder.take(held).tolist(), masks[held]))
+            return self._row_holder.take(held), masks.take(held, axis=0)
         # a long query: lay the masks out for the holders that hit only
         live = np.flatnonzero(owner)
         owner, rows = owner[live], rows[live]
         held, owner = np.unique(owner, return_inverse=True)
         masks = np.zeros((len(held), n), dtype=bool)
         masks[owner, rows] = True
-        return dict(zip(self._row_holder.take(held).tolist(), masks))
+        return self._row_holder.take(held), masks
 
     @property
     def rebuilding(self) -> bool:

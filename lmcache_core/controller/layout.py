@@ -17,8 +17,20 @@ from typing import Any
 
 import numpy as np
 
-#: one group's index answer: holder id -> bool mask over the query's chunks, and its chunk size
-GroupAnswer = tuple[dict[int, np.ndarray], int]
+#: one hashing group's index answer and its chunk size: either ``KVIndex.lookup_grid``'s
+#: (holder ids, holders x chunks bool matrix) pair, or ``KVIndex.lookup``'s holder -> mask dict
+GroupAnswer = tuple[tuple[np.ndarray, np.ndarray] | dict[int, np.ndarray], int]
+
+
+def as_grid(found: tuple[np.ndarray, np.ndarray] | dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """An index answer as (int64 holder ids, 2-D bool masks), whichever form it came in."""
+    if not isinstance(found, dict):
+        holders, masks = found
+        return np.asarray(holders, dtype=np.int64), np.asarray(masks, dtype=bool)
+    if not found:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=bool)
+    holders = np.fromiter(found.keys(), dtype=np.int64, count=len(found))
+    return holders, np.stack([np.asarray(m, dtype=bool) for m in found.values()])
 
 
 def _grow(arr: np.ndarray, size: int, fill: int) -> np.ndarray:
@@ -102,13 +114,10 @@ class LayoutTable:
         rank_prefix: list[np.ndarray] = []
         rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []  # masks, instance, position, chunk size
         for found, chunk_size in answers:
-            if not found:
+            holders, masks = as_grid(found)
+            if not len(holders):
                 continue
-            holders = np.fromiter(found.keys(), dtype=np.int64, count=len(found))
-            width = len(next(iter(found.values())))
-            # one copy of every mask row into a matrix (cheaper than np.stack for many rows)
-            masks = np.frombuffer(b"".join([m.tobytes() for m in found.values()]), dtype=bool)
-            masks = masks.reshape(len(found), width)
+            width = masks.shape[1]
             known = holders < len(self._h_inst)
             inst = np.where(known, self._h_inst[np.where(known, holders, 0)], -1)
             keep = inst >= 0

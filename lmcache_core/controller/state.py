@@ -623,8 +623,9 @@ class Controller:
         arr = tokens if isinstance(tokens, np.ndarray) else as_token_array(tokens)
         answers = []
         for group in self._groups.values():
-            hashes = np.array(group.hasher.hashes(arr), dtype=np.uint64)
-            answers.append((self.index.lookup(hashes), group.hasher.chunk_size))
+            hashes = group.hasher.hashes(arr)
+            hashes_arr = np.fromiter(hashes, dtype=np.uint64, count=len(hashes))
+            answers.append((self.index.lookup_grid(hashes_arr), group.hasher.chunk_size))
         return self._layout.layout(answers, n_tokens, instance_id=instance_id, model=model)
 
     # --- introspection -----------------------------------------------------------------------

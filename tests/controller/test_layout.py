@@ -76,6 +76,14 @@ def test_layout_matches_the_rules_on_random_fleets(seed: int) -> None:
         fleet, held, n_chunks, n_tokens, cs, model="m2"
     )
     assert table.layout([(answer, cs)], n_tokens, instance_id="nobody") == {}
+    # the grid form (KVIndex.lookup_grid's), holders in any order, gives the same answer
+    order = list(answer)
+    rng.shuffle(order)
+    grid = (np.array(order, dtype=np.int64), np.stack([answer[h] for h in order]))
+    assert table.layout([(grid, cs)], n_tokens) == reference(fleet, held, n_chunks, n_tokens, cs)
+    assert table.layout([(grid, cs)], n_tokens, model="m1") == reference(
+        fleet, held, n_chunks, n_tokens, cs, model="m1"
+    )
 
 
 def test_layout_ties_go_to_the_fastest_location() -> None:
@@ -86,3 +94,11 @@ def test_layout_ties_go_to_the_fastest_location() -> None:
     both = np.array([True, True, False])
     assert table.layout([({1: both, 0: both}, 4)], 12) == {"a": ["LocalCPUBackend", 8]}
     assert table.layout([({1: both}, 4)], 12) == {"a": ["LocalDiskBackend", 8]}
+
+
+def test_layout_of_an_empty_grid_credits_nobody() -> None:
+    table = LayoutTable()
+    table.set_instance("a", 1, ["LocalCPUBackend"])
+    table.set_holder(0, "a", 0, "m", 0)
+    empty = (np.zeros(0, dtype=np.int64), np.zeros((0, 3), dtype=bool))
+    assert table.layout([(empty, 4)], 12) == {}
