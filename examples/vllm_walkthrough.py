@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     port, monitor, vllm_port = (p or free_port(args.host) for p in (args.port, args.monitor_port, args.vllm_port))
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a shell ignored it
 
     env = {k: v for k, v in os.environ.items() if k != "LMCACHE_CONFIG_FILE"}
     env.setdefault("LMCACHE_WORKER_HEARTBEAT_INTERVAL", "0.5")
