@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lmcache_core import cli_nats
-from lmcache_core.errors import LMCacheError
+from lmcache_core.errors import find_lmcache_error
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -32,16 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_cli(prog: str, call: Callable[[], int | None]) -> int:
+    """Run a command's body: an ``LMCacheError`` (also one inside an exception group) becomes
+    one line on stderr and exit status 2, Ctrl-C exit status 130; anything else propagates."""
     try:
-        return int(args.func(args) or 0)
-    except LMCacheError as exc:
-        print(f"lmcache: error: {exc}", file=sys.stderr)
-        return 2
+        return int(call() or 0)
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        found = find_lmcache_error(exc)
+        if found is None:
+            raise
+        print(f"{prog}: error: {found}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("lmcache", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -46,3 +46,14 @@ class RequestTimeout(TransportError):
 
 class NoResponders(TransportError):
     """A request went to a topic that no subscriber listens on."""
+
+
+def find_lmcache_error(exc: BaseException) -> LMCacheError | None:
+    """``exc`` itself or the first ``LMCacheError`` inside it (task groups raise exception groups)."""
+    if isinstance(exc, LMCacheError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = find_lmcache_error(inner)
+        if found is not None:
+            return found
+    return None

@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio
 
+from lmcache_core.cli import run_cli
 from lmcache_core.errors import LMCacheError
 
 API_TOKEN_ENV = "LMCACHE_CONTROLLER_API_TOKEN"
@@ -146,16 +147,6 @@ def _event_loop_options() -> dict[str, object]:
     return {"use_uvloop": True}
 
 
-def _first_lmcache_error(exc: BaseException) -> LMCacheError | None:
-    if isinstance(exc, LMCacheError):
-        return exc
-    for inner in getattr(exc, "exceptions", ()):
-        found = _first_lmcache_error(inner)
-        if found is not None:
-            return found
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.monitor_port is None and args.nats_url is None:
@@ -165,19 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: give either --monitor-port or --nats-url, not both", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return anyio.run(_serve, args, backend_options=_event_loop_options())
-    except LMCacheError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except BaseExceptionGroup as group:  # raised from inside the task group
-        found = _first_lmcache_error(group)
-        if found is None:
-            raise
-        print(f"{PROG}: error: {found}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(PROG, lambda: anyio.run(_serve, args, backend_options=_event_loop_options()))
 
 
 if __name__ == "__main__":
