@@ -9,7 +9,7 @@ VLLM_VERSION := 0.32.0
 PLUGIN_PYPROJECTS := $(wildcard plugins/*/pyproject.toml)
 PLUGIN_DIRS := $(patsubst %/pyproject.toml,%,$(PLUGIN_PYPROJECTS))
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-lite test bench clean
 
 $(VENV)/.stamp-python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ $(VENV)/.stamp-project: $(VENV)/.stamp-torch pyproject.toml $(PLUGIN_PYPROJECTS)
 
 setup: $(VENV)/.stamp-project
 
+# the walkthrough against a real vLLM server (tiny dummy-weight model, ~1 min on 2 cores)
 demo: setup
+	$(PY) examples/vllm_walkthrough.py
+
+# the same walkthrough with a stand-in instance instead of vLLM (seconds)
+demo-lite: setup
 	$(PY) examples/walkthrough.py
 
 test: setup
