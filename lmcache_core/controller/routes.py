@@ -6,10 +6,11 @@ answer; errors are ``LMCacheError``s that the app turns into JSON ``{"detail": .
 
 from __future__ import annotations
 
-import json
+from array import array
 from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -50,6 +51,57 @@ def parse_body(model: type[M], raw: bytes) -> M:
         raise RequestValidationError(errors) from None
 
 
+_LOOKUP_FIELDS = frozenset(LookupRequest.model_fields)
+_INT64_RANGE_ERROR = {
+    "type": "int64_range",
+    "loc": ("body", "tokens"),
+    "msg": "token ids must fit in a signed 64-bit integer",
+    "input": None,
+}
+
+
+def _plain_lookup_body(raw: bytes) -> tuple[np.ndarray, str | None, str | None] | None:
+    """(int64 tokens, model, instance_id) of a plain, well-formed ``/lookup`` body, or ``None``
+    for anything else (which then takes the validating path and gets its exact 422).
+
+    Why: validating 8k tokens with pydantic and converting them with numpy cost about half
+    of a lookup; orjson plus one ``array('q')`` fill do the same at C speed. The result is the
+    same for every body accepted here: JSON integers that fit in int64 (``array`` raises on
+    anything else: floats, strings, out-of-range ids), the model's field names only, and
+    strings or nulls for the two filters.
+    """
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(body) is not dict or not body.keys() <= _LOOKUP_FIELDS:
+        return None
+    tokens = body.get("tokens")
+    model = body.get("model")
+    instance_id = body.get("instance_id")
+    if (
+        type(tokens) is not list
+        or (model is not None and type(model) is not str)
+        or (instance_id is not None and type(instance_id) is not str)
+    ):
+        return None
+    try:
+        packed = array("q", tokens)
+    except (TypeError, OverflowError):
+        return None
+    return np.frombuffer(packed, dtype=np.int64), model, instance_id
+
+
+def _validated_lookup_body(raw: bytes) -> tuple[np.ndarray, str | None, str | None]:
+    """The validating path: pydantic's 422 with field paths for any malformed body."""
+    body = parse_body(LookupRequest, raw)
+    try:
+        tokens = np.fromiter(body.tokens, dtype=np.int64, count=len(body.tokens))
+    except OverflowError:
+        raise RequestValidationError([_INT64_RANGE_ERROR]) from None
+    return tokens, body.model, body.instance_id
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "Unknown instance or worker; the detail names the registered ones."},
 }
@@ -65,20 +117,18 @@ def build_router() -> APIRouter:
         responses={413: {"description": "More tokens than controller_max_lookup_tokens."}},
         openapi_extra={"requestBody": _json_body(LookupRequest)},
     )
-    async def lookup(request: Request, controller: Controller = Depends(get_controller)) -> Response:
+    async def lookup(request: Request) -> Response:
         """Which instances hold a prefix of the tokens, where, and how many tokens of it."""
-        # the hot path: parse and validate the raw body in one pass (pydantic-core), convert
-        # the tokens to int64 once, and write the answer without a second validation
-        body = parse_body(LookupRequest, await request.body())
-        try:
-            tokens = np.fromiter(body.tokens, dtype=np.int64, count=len(body.tokens))
-        except OverflowError:
-            raise RequestValidationError(
-                [{"type": "int64_range", "loc": ("body", "tokens"), "msg": "token ids must fit in a signed 64-bit integer", "input": None}]
-            ) from None
-        layout = controller.lookup(tokens, model=body.model, instance_id=body.instance_id)
+        # the hot path: parse the raw body at C speed (validating fully only when it is not
+        # plain), and write the answer without a second validation. The controller is read
+        # from the app state directly: a Depends costs a dependency solve per request
+        raw = await request.body()
+        parsed = _plain_lookup_body(raw) or _validated_lookup_body(raw)
+        tokens, model, instance_id = parsed
+        controller: Controller = request.app.state.controller
+        layout = controller.lookup(tokens, model=model, instance_id=instance_id)
         event_id = controller.events.start("lookup", status="finished")
-        return Response(json.dumps({"event_id": event_id, "layout_info": layout}), media_type="application/json")
+        return Response(orjson.dumps({"event_id": event_id, "layout_info": layout}), media_type="application/json")
 
     @router.post(
         "/clear",
