@@ -25,11 +25,21 @@ class ApiGuard:
     """Pure ASGI middleware: bearer-token check on every path, and per-route latency.
 
     Written as raw ASGI rather than ``BaseHTTPMiddleware`` because that one costs a task and
-    a stream per request, which the lookup path cannot afford.
+    a stream per request, which the lookup path cannot afford. ``fast_paths`` maps a path to a
+    raw handler called as ``handler(scope, receive, send, fallback)``, ``fallback`` being the
+    rest of the application (see ``routes.LookupFastPath``).
     """
 
-    def __init__(self, app: ASGIApp, controller: Controller, token: str | None, routes: set[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        controller: Controller,
+        token: str | None,
+        routes: set[str],
+        fast_paths: dict[str, Any] | None = None,
+    ) -> None:
         self.app = app
+        self.fast_paths = fast_paths or {}
         self.histogram = controller.metrics.request_latency
         self.expected = f"Bearer {token}".encode() if token else None
         self.routes = routes
@@ -43,7 +53,11 @@ class ApiGuard:
         if self.expected is not None and not self._authorized(scope):
             await _send_json(send, 401, {"detail": "missing or wrong bearer token"}, [(b"www-authenticate", b"Bearer")])
         else:
-            await self.app(scope, receive, send)
+            fast = self.fast_paths.get(scope["path"])
+            if fast is None:
+                await self.app(scope, receive, send)
+            else:
+                await fast(scope, receive, send, self.app)
         path = scope["path"]
         route = path if path in self.routes else "other"
         child = self._children.get(route)
@@ -95,5 +109,21 @@ def create_app(controller: Controller, pm: pluggy.PluginManager | None = None) -
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
     routes = {getattr(r, "path", "") for r in app.routes}
-    app.add_middleware(ApiGuard, controller=controller, token=controller.settings.controller_api_token, routes=routes)
+    # a route whose endpoint names a raw handler (``lmcache_fast_path``) is served by it, when
+    # that route is the first one at its path (the one Starlette would pick)
+    fast_paths: dict[str, Any] = {}
+    seen: set[str] = set()
+    for route in app.routes:
+        path = getattr(route, "path", "")
+        factory = getattr(getattr(route, "endpoint", None), "lmcache_fast_path", None)
+        if path not in seen and factory is not None:
+            fast_paths[path] = factory(controller)
+        seen.add(path)
+    app.add_middleware(
+        ApiGuard,
+        controller=controller,
+        token=controller.settings.controller_api_token,
+        routes=routes,
+        fast_paths=fast_paths,
+    )
     return app

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from lmcache_core.controller.routes import _plain_lookup_body, _validated_lookup_body
+from lmcache_core.controller.routes import LookupFastPath, _plain_lookup_body, _validated_lookup_body
 
-from .support import PROMPT, ControllerRunner, wait_for
+from .support import PROMPT, ControllerRunner, controller_settings, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,3 +70,52 @@ def test_lax_tokens_pydantic_accepts_are_credited_like_plain_ones(controller: Co
         assert response.json()["layout_info"] == expected
     plain = client.post("/lookup", json={"tokens": PROMPT}).json()
     assert set(plain) == {"event_id", "layout_info"} and plain["layout_info"] == expected
+
+
+def test_plain_lookups_are_answered_raw_and_the_rest_is_handed_to_the_app_with_its_body(
+    controller: ControllerRunner, make_instance
+) -> None:
+    inst = make_instance("inst-a")
+    inst.store(PROMPT)
+    inst.sync()
+    expected = wait_for(lambda: controller.lookup(PROMPT), what="instance credited")
+    fast = LookupFastPath(controller.controller)
+
+    async def serve(chunks: list[bytes], method: str = "POST") -> tuple[list[dict], list[dict]]:
+        """One request through the raw handler; (what it sent, what the fallback app received)."""
+        pending = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        sent: list[dict] = []
+        handed: list[dict] = []
+
+        async def receive() -> dict:
+            return pending.pop(0)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def fallback(scope: dict, receive, send) -> None:
+            handed.append(await receive())
+
+        await fast({"type": "http", "method": method, "path": "/lookup"}, receive, send, fallback)
+        return sent, handed
+
+    raw = json.dumps({"tokens": PROMPT}).encode()
+    sent, handed = controller.call(serve, [raw[:10], raw[10:]])  # a body in two pieces
+    assert handed == [] and sent[0]["status"] == 200
+    assert dict(sent[0]["headers"])[b"content-type"] == b"application/json"
+    assert int(dict(sent[0]["headers"])[b"content-length"]) == len(sent[1]["body"])
+    assert json.loads(sent[1]["body"])["layout_info"] == expected
+    for chunks, method in [([b'{"tokens": [1.5]}'], "POST"), ([b'{"tokens": ', b"[1]}"], "GET")]:
+        sent, handed = controller.call(serve, chunks, method)
+        assert sent == []
+        if method == "POST":  # the whole body, once, as one message
+            assert handed == [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        else:  # untouched: the app reads it itself
+            assert handed == [{"type": "http.request", "body": chunks[0], "more_body": True}]
+
+
+def test_a_lookup_that_fails_on_the_raw_path_gets_the_apps_error(nats_url: str) -> None:
+    with ControllerRunner(nats_url, controller_settings(controller_max_lookup_tokens=4)) as runner:
+        response = runner.client.post("/lookup", json={"tokens": [1, 2, 3, 4, 5]})
+        assert response.status_code == 413
+        assert response.json() == {"detail": "5 tokens is more than controller_max_lookup_tokens (4)"}
