@@ -377,6 +377,8 @@ class WorkerHandle:
                 log.warning("controller refused registration: %s", ack.detail)
             with anyio.move_on_after(delay):
                 await self._reregister.wait()  # a hello retries at once
+            if self._reregister.is_set():  # that retry answers it; a set event must not spin
+                self._reregister = anyio.Event()
             delay = min(delay * 2, _MAX_BACKOFF)
 
     # --- publishing events -------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from lmcache_core.wire import (
     EventBatch,
     LookupCommand,
     PingCommand,
+    RegistrationAck,
     ResyncCommand,
     command_topic,
 )
@@ -292,6 +294,34 @@ def test_worker_keeps_retrying_until_a_controller_answers(
             controller.close()
     finally:
         listener.close()
+
+
+class RefusingPeer(ControllerPeer):
+    """A controller that refuses every registration, noting when each attempt arrived."""
+
+    async def _on_register(self, msg) -> None:
+        self._record(self.registrations, time.monotonic())
+        ack = RegistrationAck(accepted=False, resync=False, detail="refused by the test")
+        await msg.respond(ack.encode())
+
+
+def test_a_hello_does_not_make_a_refused_worker_retry_without_backoff(
+    make_settings, make_instance, nats_server
+) -> None:
+    settings = make_settings()
+    refusing = RefusingPeer(settings, nats_server.url).start()
+    try:
+        make_instance(settings).start_worker()
+        refusing.wait_until(lambda: refusing.registrations, what="a first registration")
+        refusing.publish(HELLO_TOPIC, b"{}")
+        times = refusing.wait_until(
+            lambda: list(refusing.registrations) if len(refusing.registrations) >= 5 else None,
+            what="five registration attempts",
+        )
+        # the hello cuts one wait short; the attempts after it back off again (>= 0.1 s each)
+        assert times[4] - times[2] >= 0.1
+    finally:
+        refusing.close()
 
 
 def test_worker_connects_once_the_bus_comes_up(make_settings, make_instance) -> None:
