@@ -207,6 +207,8 @@ class Controller:
         self._subscriptions: list[Subscription] = []
         self._tg: TaskGroup | None = None
         self._last_hello = 0.0
+        #: rank -> epoch of its latest refused registration (one entry per rank at most)
+        self._refused: dict[tuple[str, int], str] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self, tg: TaskGroup) -> None:
@@ -296,19 +298,16 @@ class Controller:
 
     def register(self, reg: WorkerRegistration) -> RegistrationAck:
         """Record a worker (a new epoch empties what it held); the ack asks for its inventory."""
-        if reg.version != PROTOCOL_VERSION:
-            return RegistrationAck(
-                accepted=False,
-                resync=False,
-                detail=f"protocol version {reg.version} is not supported; this controller speaks {PROTOCOL_VERSION}",
-            )
-        if reg.hashing.scheme not in SUPPORTED_SCHEMES:
-            return RegistrationAck(
-                accepted=False,
-                resync=False,
-                detail=f"hash scheme '{reg.hashing.scheme}' is not supported; known: {', '.join(sorted(SUPPORTED_SCHEMES))}",
-            )
         key = (reg.instance_id, reg.worker_id)
+        refusal = None
+        if reg.version != PROTOCOL_VERSION:
+            refusal = f"protocol version {reg.version} is not supported; this controller speaks {PROTOCOL_VERSION}"
+        elif reg.hashing.scheme not in SUPPORTED_SCHEMES:
+            refusal = f"hash scheme '{reg.hashing.scheme}' is not supported; known: {', '.join(sorted(SUPPORTED_SCHEMES))}"
+        if refusal is not None:
+            self._refused[key] = reg.epoch  # its heartbeats must not make every worker resync
+            return RegistrationAck(accepted=False, resync=False, detail=refusal)
+        self._refused.pop(key, None)
         hashing: HashingKey = (reg.hashing.scheme, reg.hashing.chunk_size, reg.hashing.namespace)
         old = self.workers.get(key)
         now = time.monotonic()
@@ -436,8 +435,10 @@ class Controller:
         """Note a worker is alive; resync locations whose announced batches never arrived."""
         worker = self.workers.get((beat.instance_id, beat.worker_id))
         if worker is None or worker.epoch != beat.epoch:
-            # a worker we do not know (we restarted, or dropped it while it was unreachable)
-            if time.monotonic() - self._last_hello >= HELLO_MIN_INTERVAL:
+            # a worker we do not know (we restarted, or dropped it while it was unreachable);
+            # a hello for one we refused would only make every other worker resync
+            refused = self._refused.get((beat.instance_id, beat.worker_id)) == beat.epoch
+            if not refused and time.monotonic() - self._last_hello >= HELLO_MIN_INTERVAL:
                 await self._say_hello()
             return
         worker.last_seen = time.monotonic()

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from lmcache_core.controller.server import ControllerHandle, running_controller
+from lmcache_core.controller.state import HELLO_MIN_INTERVAL
 from lmcache_core.controller.synthetic import SyntheticWorker
 from lmcache_core.events import EventKind
 from lmcache_core.keys import TokenHasher
 from lmcache_core.plugins import get_plugin_manager, resolve_transport
 from lmcache_core.transport import Message, MessageBus
-from lmcache_core.wire import HELLO_TOPIC, CommandRequest, EventBatch
+from lmcache_core.wire import HELLO_TOPIC, CommandRequest, EventBatch, Heartbeat
 
 from .support import HEARTBEAT_TIMEOUT, controller_settings
 
@@ -163,6 +164,22 @@ async def test_a_registration_with_an_unknown_hash_scheme_is_refused(rig: Rig) -
     ack = await worker.register()
     assert not ack.accepted
     assert "sha256/v9" in ack.detail
+
+
+async def test_heartbeats_of_a_refused_worker_do_not_make_the_controller_say_hello(rig: Rig) -> None:
+    controller = rig.handle.controller
+    refused = SyntheticWorker(rig.bus, "odd")
+    refused.registration.hashing.scheme = "sha256/v9"
+    assert not (await refused.register()).accepted
+    with anyio.fail_after(10):  # until a hello for an unknown worker is allowed again
+        while time.monotonic() - controller._last_hello < HELLO_MIN_INTERVAL:
+            await anyio.sleep(0.05)  # poll interval of a deadline-bounded poll
+    said = controller._last_hello
+    await controller.heartbeat(Heartbeat(**refused.ident.model_dump(exclude={"version"})))
+    assert controller._last_hello == said  # no hello: every worker would resync for nothing
+    stranger = SyntheticWorker(rig.bus, "stranger")
+    await controller.heartbeat(Heartbeat(**stranger.ident.model_dump(exclude={"version"})))
+    assert controller._last_hello > said  # an unknown worker that was not refused still gets one
 
 
 @pytest.fixture
