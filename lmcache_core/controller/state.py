@@ -462,10 +462,14 @@ class Controller:
 
     async def _resync(self, worker: WorkerState, loc: LocationState) -> None:
         self.metrics.resyncs.inc()
+        event_id = self.events.start("resync")
         try:
-            await self._command(worker, ResyncCommand(locations=[loc.name]), self.events.start("resync"))
+            reply = await self._command(worker, ResyncCommand(locations=[loc.name]), event_id)
         except LMCacheError as exc:
+            self.events.finish(event_id, ok=False, detail=str(exc))
             log.warning("resync of %s at %s failed: %s", worker.name, loc.name, exc)
+        else:
+            self.events.finish(event_id, ok=reply.ok, detail=reply.error)
         finally:
             loc.resync_in_flight = False
 

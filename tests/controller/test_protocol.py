@@ -89,6 +89,19 @@ async def test_a_sequence_gap_triggers_a_resync_and_the_reset_batch_restores_the
     await rig.wait_lookup({"syn": [CPU, 1024]})
 
 
+async def test_a_resync_the_worker_answered_is_reported_finished(rig: Rig) -> None:
+    worker = await rig.worker()
+    await worker.serve_commands()
+    await worker.publish(worker.batch(CPU, HASHES[:1], reset=True))  # seq 1
+    await rig.wait_lookup({"syn": [CPU, 256]})
+    await worker.publish(worker.batch(CPU, HASHES[1:2], seq=3))  # seq 2 never arrives
+    event_id = (await _resync_requests(worker))[0].event_id
+    with anyio.fail_after(10):
+        while (record := rig.handle.controller.check_finish(event_id)).status == "running":
+            await anyio.sleep(0.01)  # poll interval of a deadline-bounded poll
+    assert record.status == "finished" and record.kind == "resync"
+
+
 async def test_a_heartbeat_announcing_batches_that_never_arrive_triggers_a_resync(rig: Rig) -> None:
     worker = await rig.worker()
     await worker.serve_commands()
