@@ -269,7 +269,8 @@ class CacheEngine:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for write-behind tiers to finish queued writes; True when all are done."""
-        return all(backend.flush(timeout) for backend in self._tiers)
+        done = [backend.flush(timeout) for backend in self._tiers]  # every tier, even after a False
+        return all(done)
 
     def close(self) -> None:
         """Stop the worker, then close locations slowest first (they may read faster tiers)."""

@@ -69,11 +69,6 @@ class EventBus:
             for callback in self._subscribers:
                 callback(event)
 
-    def last_seq(self, location: str) -> int:
-        """The sequence number of the latest event at ``location`` (0 before any)."""
-        with self._lock:
-            return self._seq.get(location, 0)
-
     def sink(self, location: str) -> "EventSink":
         """The announcer a backend at ``location`` uses."""
         return EventSink(self, location)

@@ -62,13 +62,15 @@ def _load_entrypoints(pm: pluggy.PluginManager) -> None:
     names: Iterable[str | None] = sorted(allow) if allow is not None else [None]
     for name in names:
         try:
-            pm.load_setuptools_entrypoints(hookspecs.ENTRY_POINT_GROUP, name=name)
+            loaded = pm.load_setuptools_entrypoints(hookspecs.ENTRY_POINT_GROUP, name=name)
         except Exception as exc:
             raise PluginError(f"cannot load an 'lmcache' entry point: {exc}") from exc
-
-
-def plugin_name(pm: pluggy.PluginManager, plugin: object) -> str:
-    return pm.get_name(plugin) or getattr(plugin, "__name__", repr(plugin))
+        if name is not None and not loaded and pm.get_plugin(name) is None and not pm.is_blocked(name):
+            installed = sorted({ep.name for ep in metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP)})
+            raise PluginError(
+                f"LMCACHE_PLUGINS names '{name}', but no 'lmcache' entry point has that name; "
+                f"installed: {', '.join(installed) or '(none)'}"
+            )
 
 
 def _collect(pm: pluggy.PluginManager, hook_name: str) -> list[tuple[str, Any]]:

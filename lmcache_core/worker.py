@@ -152,7 +152,6 @@ class WorkerHandle:
         self._seq: dict[str, int] = {}
         self._clear_seq: dict[str, int] = {}  # per location, the batch holding the latest clear
         self._publish_failing = False
-        self._published_events = 0
         self._registered = threading.Event()
         self.registrations = 0
         self._bus: MessageBus | None = None
@@ -404,7 +403,6 @@ class WorkerHandle:
             return False
         for location, (kinds, hashes, tokens) in pack_events(events).items():
             await self._publish_arrays(location, kinds, hashes, tokens, reset=False)
-        self._published_events += len(events)
         return len(self._pending) > 0
 
     async def _publish_arrays(

@@ -177,3 +177,10 @@ def test_engine_with_an_outside_plugin_location(outside_plugin, monkeypatch):
         eng.store(PROMPT, kv_for(PROMPT))
         assert eng.lookup(PROMPT) == 12
         assert eng.clear("TestDictBackend") == 12
+
+
+def test_flush_returns_true_once_the_disk_queue_is_drained(engine):
+    toks = tokens(600)
+    engine.store(toks, kv_for(toks))
+    assert engine.flush(timeout=30) is True
+    assert engine.backend("LocalDiskBackend").stats()["queued"] == 0

@@ -106,3 +106,12 @@ def test_lmcache_plugins_prints_every_plugin_as_json(outside_plugin):
     assert third["hooks"] == ["lmcache_settings_models", "lmcache_storage_backends"]
     assert third["locations"] == ["TestDictBackend"]
     assert "lmcache_controller_routes" in plugins["lmcache_core.controller.routes"]["hooks"]
+
+
+def test_allow_list_naming_an_absent_plugin_is_an_error(monkeypatch):
+    monkeypatch.setenv("LMCACHE_PLUGINS", "backend_cpu,backend_dsik")
+    with pytest.raises(PluginError) as info:
+        get_plugin_manager()
+    message = str(info.value)
+    assert "LMCACHE_PLUGINS names 'backend_dsik'" in message
+    assert "installed: " in message and "backend_disk" in message
