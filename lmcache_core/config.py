@@ -9,6 +9,7 @@ through the ``lmcache_settings_models`` hook (or a spec's ``settings_model``).
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Union
@@ -21,8 +22,96 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from lmcache_core.errors import ConfigError, PluginError
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+ENV_PREFIX = "LMCACHE_"
 GIB = 1024**3
+
+#: Keys of LMCache's own configuration that lmcache-core has no use for (remote stores,
+#: blending, P2P/PD transfer, NIXL, GDS, LMCache's internal servers and allocators...).
+#: They are accepted from the file, the environment and keyword arguments, and one warning
+#: per load names them; any other unknown key is an error. Keys we do read are fields.
+UNUSED_LMCACHE_KEYS = frozenset(
+    {
+        "app_id",
+        "audit_actual_remote_url",
+        "blocking_timeout_secs",
+        "cache_policy",
+        "controller_reply_url",
+        "cufile_buffer_size",
+        "enable_async_loading",
+        "enable_blending",
+        "enable_chunk_statistics",
+        "enable_hidden_state_cache",
+        "enable_kv_events",
+        "enable_lazy_memory_allocator",
+        "enable_nixl",
+        "enable_p2p",
+        "enable_pd",
+        "enable_scheduler_bypass_lookup",
+        "enable_xpyd",
+        "external_backends",
+        "external_lookup_client",
+        "extra_config",
+        "gds_backend",
+        "gds_buffer_size",
+        "gds_path",
+        "gds_path_sharding",
+        "hidden_state_layers",
+        "hidden_states_retrieve_mode",
+        "hit_miss_ratio",
+        "local_cpu_use_hugepages",
+        "local_device",
+        "local_disk_path_sharding",
+        "lmcache_worker_heartbeat_delay_time",
+        "lmcache_worker_heartbeat_time",
+        "lmcache_worker_ids",
+        "maru_path",
+        "maru_pool_size",
+        "max_hidden_state_cpu_size",
+        "min_retrieve_tokens",
+        "mp_host",
+        "mp_port",
+        "numa_mode",
+        "p2p_lookup_ports",
+        "pin_check_interval_sec",
+        "pin_timeout_sec",
+        "pipelined_backend",
+        "plugin_locations",
+        "pre_caching_hash_algorithm",
+        "priority_limit",
+        "py_enable_gc",
+        "remote_config_url",
+        "remote_serde",
+        "remote_storage_plugins",
+        "remote_url",
+        "reserve_local_cpu_size",
+        "retrieve_locations",
+        "runtime_plugin_locations",
+        "save_decode_cache",
+        "save_unfull_chunk",
+        "script_allowed_imports",
+        "storage_plugins",
+        "store_location",
+        "transfer_channel",
+        "use_gds",
+        "use_gpu_connector_v3",
+        "use_layerwise",
+        "weka_path",
+    }
+)
+#: Whole families of LMCache keys we do not use (``blend_recompute_ratios``, ``pd_role``, ...).
+UNUSED_LMCACHE_KEY_PREFIXES = (
+    "blend_",
+    "chunk_statistics_",
+    "cost_aware_",
+    "internal_api_server_",
+    "lazy_memory_",
+    "lookup_",
+    "nixl_",
+    "pd_",
+)
 
 IntOrList = Union[int, list[int]]
 
@@ -102,7 +191,7 @@ class LMCacheSettings(BaseSettings):
         1_048_576, gt=0, description="Longest token list /lookup accepts (longer gets HTTP 413)."
     )
 
-    _config_file: ClassVar[Path | None] = None
+    _file_values: ClassVar[dict[str, Any]] = {}
 
     @field_validator("local_disk")
     @classmethod
@@ -143,38 +232,70 @@ class LMCacheSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSource(settings_cls, cls._config_file))
+        return (init_settings, env_settings, _FileSource(settings_cls, cls._file_values))
 
 
-class _YamlSource(PydanticBaseSettingsSource):
-    """Reads the YAML file; its top level must be a mapping of settings keys."""
+class _FileSource(PydanticBaseSettingsSource):
+    """The config file's values, read (and checked to be a mapping) by ``load_settings``."""
 
-    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
         super().__init__(settings_cls)
-        self.path = path
+        self.values = values
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False  # unused: __call__ returns the whole mapping
 
     def __call__(self) -> dict[str, Any]:
-        if self.path is None:
-            return {}
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {self.path}: {exc.strerror}") from exc
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {self.path} is not valid YAML: {exc}") from exc
-        if data is None:
-            return {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"config file {self.path} must hold a mapping of keys to values, "
-                f"got {type(data).__name__}"
-            )
-        return data
+        return dict(self.values)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """The YAML file's top-level mapping (empty for an empty file)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}"
+        )
+    return data
+
+
+def is_unused_lmcache_key(key: str) -> bool:
+    """True for a key of LMCache's configuration that lmcache-core accepts and ignores."""
+    return key in UNUSED_LMCACHE_KEYS or key.startswith(UNUSED_LMCACHE_KEY_PREFIXES)
+
+
+def _split_unused(
+    values: dict[str, Any], known: set[str], origin: str, ignored: dict[str, str]
+) -> dict[str, Any]:
+    """``values`` without LMCache's unused keys; each dropped key is recorded in ``ignored``."""
+    kept: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(key, str) and key not in known and is_unused_lmcache_key(key):
+            ignored.setdefault(key, origin)
+        else:
+            kept[key] = value
+    return kept
+
+
+def _unused_env_keys(known: set[str], ignored: dict[str, str]) -> None:
+    """Record ``LMCACHE_<KEY>`` variables naming unused LMCache keys (env names ignore case,
+    as the settings' own do). Other unknown variables stay ignored, as they always were:
+    ``LMCACHE_CONFIG_FILE`` and ``LMCACHE_PLUGINS`` are not settings keys either."""
+    for name in sorted(os.environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in known and is_unused_lmcache_key(key):
+            ignored.setdefault(key, name)
 
 
 def settings_class(pm: pluggy.PluginManager | None = None) -> type[LMCacheSettings]:
@@ -203,13 +324,28 @@ def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> LMCacheSettings:
-    """Read the settings; ``ConfigError`` names the offending key and what it expects."""
+    """Read the settings; ``ConfigError`` names the offending key and what it expects.
+
+    Keys of LMCache's configuration that lmcache-core does not use are dropped, and one
+    warning names them all (with where each came from).
+    """
     cls = settings_class(pm)
     path = config_file if config_file is not None else os.environ.get(CONFIG_FILE_ENV)
     path_obj = Path(path) if path else None
+    known = set(cls.model_fields)
+    ignored: dict[str, str] = {}
+    file_values = _read_config_file(path_obj) if path_obj is not None else {}
+    file_values = _split_unused(file_values, known, str(path_obj), ignored)
+    _unused_env_keys(known, ignored)
+    overrides = _split_unused(overrides, known, "keyword argument", ignored)
+    if ignored:
+        logger.warning(
+            "ignoring config keys that LMCache knows but lmcache-core does not use: %s",
+            ", ".join(f"{key} (from {origin})" for key, origin in sorted(ignored.items())),
+        )
 
-    # a fresh subclass carries the file path, so concurrent loads never share state
-    bound = type(cls.__name__, (cls,), {"_config_file": path_obj, "__module__": cls.__module__})
+    # a fresh subclass carries the file's values, so concurrent loads never share state
+    bound = type(cls.__name__, (cls,), {"_file_values": file_values, "__module__": cls.__module__})
     try:
         return bound(**overrides)
     except ValidationError as exc:
@@ -224,7 +360,9 @@ def _explain(exc: ValidationError, cls: type[LMCacheSettings], path: Path | None
         key = ".".join(str(part) for part in err["loc"]) or "(root)"
         top = str(err["loc"][0]) if err["loc"] else key
         if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(top, known, n=1, cutoff=0.5)
+            # LMCache's unused keys are candidates too: a misspelt one is then named correctly
+            candidates = known + sorted(UNUSED_LMCACHE_KEYS)
+            close = difflib.get_close_matches(top, candidates, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
             lines.append(f"unknown config key '{top}'{where}{hint}")
         else:

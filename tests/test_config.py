@@ -156,3 +156,80 @@ def test_every_key_has_a_description():
 
     missing = [name for name, f in LMCacheSettings.model_fields.items() if not f.description]
     assert missing == []
+
+
+LMCACHE_ONLY_YAML = """\
+chunk_size: 256
+local_cpu: True
+max_local_cpu_size: 5
+remote_url: "lm://localhost:65432"
+remote_serde: "naive"
+save_unfull_chunk: False
+enable_p2p: False
+blend_special_str: " # # "
+pd_role: "sender"
+nixl_buffer_size: 1073741824
+extra_config: {"enable_nixl_storage": false}
+internal_api_server_port_start: 6999
+"""
+
+
+def unused_key_warnings(caplog) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "lmcache-core does not use" in r.getMessage()
+    ]
+
+
+def test_lmcache_keys_we_do_not_use_load_with_one_warning_naming_them(tmp_path, caplog):
+    path = write(tmp_path, LMCACHE_ONLY_YAML)
+    with caplog.at_level("WARNING", logger="lmcache_core.config"):
+        s = load_settings(config_file=path)
+    assert (s.chunk_size, s.local_cpu, s.max_local_cpu_size) == (256, True, 5.0)
+    assert not hasattr(s, "remote_url")
+    (message,) = unused_key_warnings(caplog)
+    ignored = (
+        "remote_url", "remote_serde", "save_unfull_chunk", "enable_p2p", "blend_special_str",
+        "pd_role", "nixl_buffer_size", "extra_config", "internal_api_server_port_start",
+    )
+    for key in ignored:
+        assert f"{key} (from {path})" in message
+    assert "ignoring" in message and "chunk_size" not in message
+
+
+def test_lmcache_keys_we_do_not_use_are_accepted_from_the_environment(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(write(tmp_path, "remote_url: lm://x:1\n")))
+    monkeypatch.setenv("LMCACHE_SAVE_DECODE_CACHE", "true")
+    monkeypatch.setenv("LMCACHE_LOOKUP_URL", "localhost:8100")
+    monkeypatch.setenv("LMCACHE_CHUNK_SIZE", "64")
+    with caplog.at_level("WARNING", logger="lmcache_core.config"):
+        s = load_settings()
+    assert s.chunk_size == 64
+    (message,) = unused_key_warnings(caplog)
+    assert "save_decode_cache (from LMCACHE_SAVE_DECODE_CACHE)" in message
+    assert "lookup_url (from LMCACHE_LOOKUP_URL)" in message
+    assert "remote_url (from" in message and "chunk_size" not in message
+
+
+def test_a_file_of_only_our_keys_warns_about_nothing(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="lmcache_core.config"):
+        load_settings(config_file=write(tmp_path, PULL_YAML))
+    assert unused_key_warnings(caplog) == []
+
+
+def test_misspelt_key_beside_lmcache_keys_still_fails_naming_the_closest(tmp_path):
+    path = write(tmp_path, LMCACHE_ONLY_YAML + "max_local_disk_sise: 5\nremote_urll: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=path)
+    message = str(info.value)
+    assert "unknown config key 'max_local_disk_sise'" in message
+    assert "did you mean 'max_local_disk_size'?" in message
+    assert "unknown config key 'remote_urll'" in message and "did you mean 'remote_url'?" in message
+    assert "'remote_serde'" not in message  # the keys LMCache knows are still accepted
+
+
+def test_misspelt_keyword_argument_fails_but_an_lmcache_one_is_ignored():
+    assert load_settings(use_layerwise=True).chunk_size == 256
+    with pytest.raises(ConfigError, match="did you mean 'chunk_size'"):
+        load_settings(chunk_sizes=16)
