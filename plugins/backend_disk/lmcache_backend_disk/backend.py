@@ -9,12 +9,15 @@ never disappears between being put and being written.
 Crash safety comes from the rename: a file with the final name is always complete; temporary
 files are deleted at startup; every header and every data read is checksummed, and a file that
 fails a check is removed and counted instead of being served.
+
+Several backends (vLLM instances on one machine) may share one ``local_disk`` directory: each
+writes into its own write area, a subdirectory it holds a lock on, and reads the others' areas
+on a miss (see areas.py). Everything above applies to the own area only.
 """
 
 from __future__ import annotations
 
 import collections
-import fcntl
 import logging
 import os
 import shutil
@@ -34,22 +37,27 @@ from lmcache_core.events import EventSink
 from lmcache_core.keys import ChunkKey
 from lmcache_core.storage import ChunkView, StorageBackend
 
+from lmcache_backend_disk.areas import (
+    DEFAULT_INSTANCE_ID,
+    SharedAreas,
+    WriteArea,
+    adopt_root_files,
+    claim_write_area,
+)
 from lmcache_backend_disk.chunkfile import (
     CHUNK_SUFFIX,
     TEMP_SUFFIX,
     CorruptChunkError,
-    empty_for,
     encode_header,
     file_name,
+    read_chunk,
     read_header,
-    read_data,
     tensor_bytes,
 )
 
 logger = logging.getLogger(__name__)
 
 LOCATION = "LocalDiskBackend"
-LOCK_FILE_NAME = ".lmcache-disk.lock"
 QueueFullPolicy = Literal["block", "drop"]
 Callback = Callable[[], None]
 
@@ -116,11 +124,13 @@ def _unlink_quietly(path: Path) -> None:
 
 
 class LocalDiskBackend(StorageBackend):
-    """Chunks as files in one directory, with a bounded write-behind queue and LRU capacity.
+    """Chunks as files in a write area of ``directory``, with a bounded write-behind queue and
+    LRU capacity; chunks in the directory's other areas are read on a miss.
 
-    ``capacity_bytes=None`` sizes the capacity at startup as ``auto_capacity_fraction`` of the
-    filesystem's free space plus what the directory's chunk files already use. One backend
-    owns a directory at a time (an advisory lock file enforces it).
+    The write area is ``directory/<instance_id made file-name safe>`` (``.1``, ``.2``... when
+    a live backend holds it); ``self.area`` names the one taken. ``capacity_bytes=None`` sizes
+    the capacity at startup as ``auto_capacity_fraction`` of the filesystem's free space plus
+    what the area's chunk files already use.
     """
 
     location = LOCATION
@@ -136,6 +146,7 @@ class LocalDiskBackend(StorageBackend):
         queue_full_policy: QueueFullPolicy = "block",
         fsync: bool = True,
         auto_capacity_fraction: float = 0.5,
+        instance_id: str = DEFAULT_INSTANCE_ID,
     ) -> None:
         if write_queue_size < 1:
             raise BackendError(f"disk_write_queue_size must be at least 1, got {write_queue_size}")
@@ -173,12 +184,18 @@ class LocalDiskBackend(StorageBackend):
                 "hits",
                 "misses",
                 "temp_files_removed",
+                "legacy_files_adopted",
             ),
             0,
         )
 
-        self._open_directory()
+        self._area = self._open_directory(instance_id)
+        self.area = self._area.path
+        self._shared = SharedAreas(self.directory, self.area)
         try:
+            self._counters["legacy_files_adopted"] = adopt_root_files(
+                self.directory, self._area, fsync=fsync
+            )
             recovered = self._scan()
             self.capacity_auto = capacity_bytes is None
             if capacity_bytes is None:
@@ -188,14 +205,14 @@ class LocalDiskBackend(StorageBackend):
             self._shrink_to_capacity()
             self._sync_directory()
         except BaseException:
-            self._release_directory()
+            self._area.release()
             raise
         for key, entry in recovered:
             if key in self._index:  # announced only if it survived the capacity check
                 self._sink.admitted(key, entry.num_tokens)
 
         self._writer = threading.Thread(
-            target=self._run_writer, name=f"lmcache-disk-writer:{self.directory}", daemon=True
+            target=self._run_writer, name=f"lmcache-disk-writer:{self.area}", daemon=True
         )
         self._writer.start()
 
@@ -256,7 +273,11 @@ class LocalDiskBackend(StorageBackend):
         return None
 
     def get(self, key: ChunkKey) -> ChunkView | None:
-        """The chunk (read and checksummed now, or the queued tensor); None on a miss."""
+        """The chunk (read and checksummed now, or the queued tensor); None on a miss.
+
+        A key this backend does not hold is looked up in the other write areas; such a chunk
+        is the caller's to keep and never joins this backend's index.
+        """
         with self._cond:
             item = self._pending.get(key)
             if item is not None:
@@ -264,23 +285,23 @@ class LocalDiskBackend(StorageBackend):
                 self._counters["hits"] += 1
                 return ChunkView(item.data, item.num_tokens, lambda: self._release_reader(item))
             entry = self._index.get(key)
-            if entry is None:
-                self._counters["misses"] += 1
-                return None
-            self._index.move_to_end(key)
-            try:
-                # opened under the lock so an eviction cannot delete it between lookup and open
-                f = open(entry.path, "rb", buffering=0)
-            except FileNotFoundError:
-                self._drop_bad_entry_locked(key, entry, "the file is gone")
-                return None
-            except OSError as exc:  # e.g. out of file descriptors: the file itself may be fine
-                logger.warning("LocalDiskBackend cannot open %s: %s", entry.path, exc.strerror)
-                self._counters["misses"] += 1
-                return None
+            if entry is not None:
+                self._index.move_to_end(key)
+                try:
+                    # opened under the lock so an eviction cannot delete it between lookup and open
+                    f = open(entry.path, "rb", buffering=0)
+                except FileNotFoundError:
+                    self._drop_bad_entry_locked(key, entry, "the file is gone")
+                    return None
+                except OSError as exc:  # e.g. out of file descriptors: the file may be fine
+                    logger.warning("LocalDiskBackend cannot open %s: %s", entry.path, exc.strerror)
+                    self._counters["misses"] += 1
+                    return None
+        if entry is None:
+            return self._get_shared(key)
         try:
             with f:
-                tensor = self._read_chunk(f, key)
+                tensor, _ = read_chunk(f, key)
                 _touch(f.fileno())
         except (CorruptChunkError, OSError) as exc:
             with self._cond:
@@ -293,9 +314,22 @@ class LocalDiskBackend(StorageBackend):
             self._counters["hits"] += 1
         return ChunkView(tensor, entry.num_tokens)
 
-    def contains(self, key: ChunkKey) -> bool:
+    def _get_shared(self, key: ChunkKey) -> ChunkView | None:
+        found = self._shared.read(key)  # outside the lock: other areas are not ours to guard
         with self._cond:
-            return key in self._index or key in self._pending
+            self._counters["hits" if found is not None else "misses"] += 1
+        if found is None:
+            return None
+        tensor, num_tokens = found
+        return ChunkView(tensor, num_tokens)
+
+    def contains(self, key: ChunkKey) -> bool:
+        """Whether ``get`` would find the chunk: here, or in another write area (checked by
+        opening the file and verifying its header, so a deleted file is never reported)."""
+        with self._cond:
+            if key in self._index or key in self._pending:
+                return True
+        return self._shared.holds(key)
 
     def remove(self, key: ChunkKey) -> int:
         """Delete one chunk (queued or on disk); announces ``evicted`` for an admitted one."""
@@ -329,8 +363,8 @@ class LocalDiskBackend(StorageBackend):
                 self._delete_entry_locked(key, entry)
                 tokens += entry.num_tokens
             self._index.clear()
-            # chunk files nobody indexed (copied in by hand, a failed delete) go too
-            for path in self.directory.glob(f"*{CHUNK_SUFFIX}"):
+            # chunk files of the area nobody indexed (copied in by hand, a failed delete) go too
+            for path in self.area.glob(f"*{CHUNK_SUFFIX}"):
                 _unlink_quietly(path)
             self._sync_directory()
             self._sink.cleared(tokens)
@@ -368,6 +402,7 @@ class LocalDiskBackend(StorageBackend):
             return {
                 "location": self.location,
                 "directory": str(self.directory),
+                "area": str(self.area),
                 "chunks": len(self._index),
                 "tokens": self._tokens,
                 "used_bytes": self._used,
@@ -379,6 +414,8 @@ class LocalDiskBackend(StorageBackend):
                 "queue_full_policy": self._policy,
                 "fsync": self._fsync,
                 **self._counters,
+                "shared_hits": self._shared.hits,
+                "shared_corrupt": self._shared.corrupt,
             }
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -389,17 +426,20 @@ class LocalDiskBackend(StorageBackend):
             )
 
     def close(self) -> None:
-        """Write what is queued, stop the writer thread and release the directory."""
+        """Write what is queued, stop the writer thread and release the write area."""
         with self._cond:
             first = not self._closing
             self._closing = True
             self._cond.notify_all()
         self._writer.join()
-        if first:
-            self._release_directory()
+        if first:  # one release even when two threads close at once
+            self._area.release()
 
     def __repr__(self) -> str:
-        return f"LocalDiskBackend({str(self.directory)!r}, capacity_bytes={self.capacity_bytes})"
+        return (
+            f"LocalDiskBackend({str(self.directory)!r}, area={self.area.name!r}, "
+            f"capacity_bytes={self.capacity_bytes})"
+        )
 
     # --- the writer thread --------------------------------------------------------------------
 
@@ -471,8 +511,8 @@ class LocalDiskBackend(StorageBackend):
         )
         if len(header) + len(raw) != item.size:
             raise BackendError("the chunk's tensor changed size while it was queued")
-        final = self.directory / file_name(item.key)
-        temp = self.directory / f".{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        final = self.area / file_name(item.key)
+        temp = self.area / f".{uuid.uuid4().hex}{TEMP_SUFFIX}"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             try:
@@ -555,55 +595,24 @@ class LocalDiskBackend(StorageBackend):
 
     # --- startup and the directory ------------------------------------------------------------
 
-    def _read_chunk(self, f: Any, key: ChunkKey) -> torch.Tensor:
-        header = read_header(f, os.fstat(f.fileno()).st_size)
-        if header.key != key:
-            raise CorruptChunkError(f"file holds key {header.key.to_string()!r}")
-        tensor, raw = empty_for(header)
-        read_data(f, raw, header.data_checksum)
-        return tensor
-
-    def _open_directory(self) -> None:
+    def _open_directory(self, instance_id: str) -> WriteArea:
+        """Create the shared directory when needed and claim a write area in it."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise BackendError(
                 f"local_disk directory {self.directory} cannot be used: {exc.strerror}"
             ) from exc
-        try:
-            self._lock_fd = os.open(
-                self.directory / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
-            )
-        except OSError as exc:
-            os.close(self._dir_fd)
-            raise BackendError(
-                f"cannot create a lock file in local_disk directory {self.directory}: {exc.strerror}"
-            ) from exc
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self._lock_fd)
-            os.close(self._dir_fd)
-            raise BackendError(
-                f"local_disk directory {self.directory} is in use by another LocalDiskBackend"
-            ) from exc
-
-    def _release_directory(self) -> None:
-        for name in ("_lock_fd", "_dir_fd"):
-            fd = getattr(self, name, None)
-            if fd is not None:
-                setattr(self, name, None)
-                os.close(fd)  # closing the lock file's descriptor releases the flock
+        return claim_write_area(self.directory, instance_id, fsync=self._fsync)
 
     def _sync_directory(self) -> None:
-        if self._fsync and self._dir_fd is not None:
-            os.fsync(self._dir_fd)  # makes renames and deletions durable
+        if self._fsync:
+            self._area.sync()
 
     def _scan(self) -> list[tuple[ChunkKey, _Entry]]:
-        """Rebuild the index from the files' headers, oldest modification first."""
+        """Rebuild the index from the own area's file headers, oldest modification first."""
         found: list[tuple[int, str, ChunkKey, _Entry]] = []
-        with os.scandir(self.directory) as it:
+        with os.scandir(self.area) as it:
             for dirent in it:
                 if not dirent.is_file(follow_symlinks=False):
                     continue

@@ -24,6 +24,7 @@ first bytes; the data checksum is verified on every read.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -226,3 +227,14 @@ def empty_for(header: ChunkHeader) -> tuple[torch.Tensor, memoryview]:
     raw = np.empty(header.data_length, dtype=np.uint8)
     tensor = torch.from_numpy(raw).view(header.dtype).reshape(header.shape)
     return tensor, memoryview(raw).cast("B")
+
+
+def read_chunk(f: BinaryIO, key: ChunkKey) -> tuple[torch.Tensor, ChunkHeader]:
+    """Read a whole chunk file opened unbuffered, checking that it holds ``key``, its header
+    and its data checksum; ``CorruptChunkError`` when any check fails."""
+    header = read_header(f, os.fstat(f.fileno()).st_size)
+    if header.key != key:
+        raise CorruptChunkError(f"file holds key {header.key.to_string()!r}")
+    tensor, raw = empty_for(header)
+    read_data(f, raw, header.data_checksum)
+    return tensor, header

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 
 def create_backend(settings: "LMCacheSettings", event_sink: EventSink) -> LocalDiskBackend:
-    """Build the backend from ``local_disk``, ``max_local_disk_size`` and the ``disk_*`` keys."""
+    """Build the backend from ``local_disk``, ``max_local_disk_size``, the ``disk_*`` keys and
+    ``lmcache_instance_id`` (which names the backend's write area in ``local_disk``)."""
     directory = settings.local_disk_path
     if directory is None:
         raise BackendError("LocalDiskBackend needs the 'local_disk' setting (a directory)")
@@ -31,6 +32,7 @@ def create_backend(settings: "LMCacheSettings", event_sink: EventSink) -> LocalD
         queue_full_policy=disk.disk_queue_full_policy,
         fsync=disk.disk_fsync,
         auto_capacity_fraction=disk.disk_auto_capacity_fraction,
+        instance_id=settings.lmcache_instance_id,
     )
 
 
@@ -43,7 +45,8 @@ def lmcache_storage_backends() -> list[BackendSpec]:
             tier=10,
             enabled=lambda settings: settings.local_disk is not None,
             settings_model=DiskSettings,
-            description="One checksummed file per chunk in local_disk, written behind by a "
-            "background thread (atomic rename, fsync), LRU within max_local_disk_size.",
+            description="One checksummed file per chunk in this instance's write area of "
+            "local_disk, written behind by a background thread (atomic rename, fsync), LRU within "
+            "max_local_disk_size; other instances' areas of the same directory are read on a miss.",
         )
     ]

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from disk_helpers import Events
-from lmcache_backend_disk import LocalDiskBackend
+from lmcache_backend_disk import LocalDiskBackend, area_name
+from lmcache_backend_disk.areas import DEFAULT_INSTANCE_ID
 
 
 @pytest.fixture
@@ -20,6 +21,12 @@ def events() -> Events:
 @pytest.fixture
 def disk_dir(tmp_path: Path) -> Path:
     return tmp_path / "disk"
+
+
+@pytest.fixture
+def area_dir(disk_dir: Path) -> Path:
+    """The write area a backend with the default instance id takes in ``disk_dir``."""
+    return disk_dir / area_name(DEFAULT_INSTANCE_ID)
 
 
 @pytest.fixture

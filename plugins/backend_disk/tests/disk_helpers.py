@@ -3,15 +3,20 @@ folders never shadow each other's imports)."""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from lmcache_core.events import EventBus, KVEvent
 from lmcache_core.keys import ChunkKey
+
+if TYPE_CHECKING:
+    from lmcache_backend_disk import LocalDiskBackend
 
 CHUNK_SUFFIX = ".kvchunk"
 
@@ -40,6 +45,23 @@ def chunk_files(directory: Path) -> list[Path]:
 
 def temp_files(directory: Path) -> list[Path]:
     return sorted(directory.glob(".*.tmp"))
+
+
+def fill(backend: "LocalDiskBackend", ids: Iterable[int], tokens: int = 16) -> None:
+    """Put the chunks of ``ids`` and wait until they are written."""
+    for i in ids:
+        assert backend.put(key_of(i), data_for(i), tokens)
+    assert backend.flush(timeout=30)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Invert one byte of a file in place (negative offsets count from the end)."""
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_SET if offset >= 0 else os.SEEK_END)
+        pos = f.tell()
+        byte = f.read(1)
+        f.seek(pos)
+        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:

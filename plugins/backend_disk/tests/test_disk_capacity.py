@@ -18,7 +18,7 @@ def file_size_of_one_chunk(make_backend, tmp_path: Path) -> int:
     probe.put(key_of(0), data_for(0), 16)
     assert probe.flush(timeout=30)
     probe.close()
-    return chunk_files(tmp_path / "probe")[0].stat().st_size
+    return chunk_files(probe.area)[0].stat().st_size
 
 
 def put_and_flush(backend: LocalDiskBackend, i: int, tokens: int = 16) -> bool:
@@ -28,7 +28,7 @@ def put_and_flush(backend: LocalDiskBackend, i: int, tokens: int = 16) -> bool:
 
 
 def test_lru_eviction_keeps_the_recently_used_within_capacity(
-    make_backend, tmp_path: Path, disk_dir: Path, events: Events
+    make_backend, tmp_path: Path, area_dir: Path, events: Events
 ) -> None:
     size = file_size_of_one_chunk(make_backend, tmp_path)
     backend = make_backend(capacity_bytes=3 * size)
@@ -40,8 +40,8 @@ def test_lru_eviction_keeps_the_recently_used_within_capacity(
     put_and_flush(backend, 4)
 
     assert [k.chunk_hash for k, _ in backend.inventory()] == [0, 3, 4]
-    assert len(chunk_files(disk_dir)) == 3
-    assert not (disk_dir / (key_of(1).to_string() + ".kvchunk")).exists()
+    assert len(chunk_files(area_dir)) == 3
+    assert not (area_dir / (key_of(1).to_string() + ".kvchunk")).exists()
     assert [k.chunk_hash for k in events.keys("EVICT")] == [1, 2]
     stats = backend.stats()
     assert stats["evictions"] == 2
@@ -115,7 +115,7 @@ def test_chunk_larger_than_the_capacity_is_refused(make_backend) -> None:
 
 
 def test_remove_deletes_the_file_and_announces_the_eviction(
-    backend: LocalDiskBackend, disk_dir: Path, events: Events
+    backend: LocalDiskBackend, area_dir: Path, events: Events
 ) -> None:
     put_and_flush(backend, 0, tokens=11)
     backend.pin(key_of(0))  # pins do not protect against remove
@@ -123,23 +123,23 @@ def test_remove_deletes_the_file_and_announces_the_eviction(
     assert backend.remove(key_of(0)) == 11
     assert backend.remove(key_of(0)) == 0
 
-    assert chunk_files(disk_dir) == [] and not backend.contains(key_of(0))
+    assert chunk_files(area_dir) == [] and not backend.contains(key_of(0))
     assert events.kinds() == ["ADMIT", "EVICT"] and events.seen[-1].num_tokens == 11
     assert backend.stats()["used_bytes"] == 0 and backend.stats()["pinned_bytes"] == 0
 
 
 def test_clear_reports_tokens_removed_from_disk(
-    backend: LocalDiskBackend, disk_dir: Path, events: Events
+    backend: LocalDiskBackend, area_dir: Path, events: Events
 ) -> None:
     for i in range(4):
         backend.put(key_of(i), data_for(i), 10 + i)
     assert backend.flush(timeout=30)
     backend.pin(key_of(2))
-    (disk_dir / ("stray" + ".kvchunk")).write_bytes(b"left by a crashed writer")
+    (area_dir / ("stray" + ".kvchunk")).write_bytes(b"left by a crashed writer")
 
     assert backend.clear() == 10 + 11 + 12 + 13
 
-    assert chunk_files(disk_dir) == []
+    assert chunk_files(area_dir) == []
     assert events.kinds()[-1] == "CLEAR" and events.seen[-1].num_tokens == 46
     assert events.kinds().count("CLEAR") == 1
     stats = backend.stats()
@@ -150,7 +150,7 @@ def test_clear_reports_tokens_removed_from_disk(
 
 
 def test_zero_max_local_disk_size_means_a_share_of_the_free_space(
-    make_backend, disk_dir: Path
+    make_backend, area_dir: Path
 ) -> None:
     """LMCache's default capacity 0 is never unbounded: it becomes the configured fraction of
     the filesystem's free space plus what the directory's chunk files already use."""
@@ -159,9 +159,9 @@ def test_zero_max_local_disk_size_means_a_share_of_the_free_space(
     used = first.stats()["used_bytes"]
     first.close()
 
-    free_before = shutil.disk_usage(disk_dir).free
+    free_before = shutil.disk_usage(area_dir).free
     backend = make_backend(capacity_bytes=None, auto_capacity_fraction=0.25)
-    free_after = shutil.disk_usage(disk_dir).free
+    free_after = shutil.disk_usage(area_dir).free
 
     stats = backend.stats()
     assert stats["capacity_auto"] is True
@@ -169,5 +169,5 @@ def test_zero_max_local_disk_size_means_a_share_of_the_free_space(
     high = int(0.25 * (max(free_before, free_after) + used))
     slack = 64 * 1024 * 1024  # other processes may write to this filesystem meanwhile
     assert low - slack <= stats["capacity_bytes"] <= high + slack
-    assert 0 < stats["capacity_bytes"] < shutil.disk_usage(disk_dir).total
+    assert 0 < stats["capacity_bytes"] < shutil.disk_usage(area_dir).total
     assert backend.inventory() == [(key_of(0), 16)]

@@ -16,6 +16,8 @@ from disk_helpers import (
     chunk_files,
     crash_tokens,
     data_for,
+    fill,
+    flip_byte,
     key_of,
     same_bits,
     temp_files,
@@ -23,31 +25,16 @@ from disk_helpers import (
 )
 from lmcache_core.errors import BackendError
 from lmcache_backend_disk import LocalDiskBackend
+from lmcache_backend_disk.areas import try_lock_directory
 
 HERE = Path(__file__).parent
 
 
-def flip_byte(path: Path, offset: int) -> None:
-    """Invert one byte of a file in place (negative offsets count from the end)."""
-    with open(path, "r+b") as f:
-        f.seek(offset, os.SEEK_SET if offset >= 0 else os.SEEK_END)
-        pos = f.tell()
-        byte = f.read(1)
-        f.seek(pos)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
-def fill(backend: LocalDiskBackend, ids: range, tokens: int = 16) -> None:
-    for i in ids:
-        assert backend.put(key_of(i), data_for(i), tokens)
-    assert backend.flush(timeout=30)
-
-
 def test_flipped_data_byte_is_a_miss_that_removes_the_file_and_counts_it(
-    backend: LocalDiskBackend, disk_dir: Path, events: Events
+    backend: LocalDiskBackend, area_dir: Path, events: Events
 ) -> None:
     fill(backend, range(2))
-    victim = disk_dir / (key_of(0).to_string() + ".kvchunk")
+    victim = area_dir / (key_of(0).to_string() + ".kvchunk")
     flip_byte(victim, -1)
 
     assert backend.get(key_of(0)) is None
@@ -55,46 +42,46 @@ def test_flipped_data_byte_is_a_miss_that_removes_the_file_and_counts_it(
     assert not backend.contains(key_of(0))
     stats = backend.stats()
     assert (stats["corrupt"], stats["misses"], stats["chunks"]) == (1, 1, 1)
-    assert stats["used_bytes"] == chunk_files(disk_dir)[0].stat().st_size
+    assert stats["used_bytes"] == chunk_files(area_dir)[0].stat().st_size
     assert events.keys("EVICT") == [key_of(0)]
     with backend.get(key_of(1)) as view:  # the neighbour is untouched
         assert same_bits(view.tensor, data_for(1))
 
 
-def test_flipped_header_byte_is_a_miss_too(backend: LocalDiskBackend, disk_dir: Path) -> None:
+def test_flipped_header_byte_is_a_miss_too(backend: LocalDiskBackend, area_dir: Path) -> None:
     fill(backend, range(1))
-    flip_byte(disk_dir / (key_of(0).to_string() + ".kvchunk"), 20)  # inside num_tokens
+    flip_byte(area_dir / (key_of(0).to_string() + ".kvchunk"), 20)  # inside num_tokens
     assert backend.get(key_of(0)) is None
-    assert backend.stats()["corrupt"] == 1 and chunk_files(disk_dir) == []
+    assert backend.stats()["corrupt"] == 1 and chunk_files(area_dir) == []
 
 
 def test_startup_removes_temp_files_torn_files_and_bad_headers(
-    make_backend, disk_dir: Path
+    make_backend, area_dir: Path
 ) -> None:
     backend = make_backend()
     fill(backend, range(4))
     backend.close()
-    files = {p.name: p for p in chunk_files(disk_dir)}
+    files = {p.name: p for p in chunk_files(area_dir)}
     name = lambda i: key_of(i).to_string() + ".kvchunk"  # noqa: E731
     os.truncate(files[name(1)], files[name(1)].stat().st_size - 1)  # a torn write
     flip_byte(files[name(2)], 0)  # bad magic
-    (disk_dir / ".0123abcd.tmp").write_bytes(b"half a chunk")  # a write cut before its rename
-    (disk_dir / "notes.txt").write_text("not ours")  # foreign files are left alone
+    (area_dir / ".0123abcd.tmp").write_bytes(b"half a chunk")  # a write cut before its rename
+    (area_dir / "notes.txt").write_text("not ours")  # foreign files are left alone
 
     events = Events()
     reopened = make_backend(sink=events.sink)
 
     assert sorted(k.chunk_hash for k, _ in reopened.inventory()) == [0, 3]
-    assert sorted(p.name for p in chunk_files(disk_dir)) == sorted([name(0), name(3)])
-    assert temp_files(disk_dir) == []
-    assert (disk_dir / "notes.txt").exists()
+    assert sorted(p.name for p in chunk_files(area_dir)) == sorted([name(0), name(3)])
+    assert temp_files(area_dir) == []
+    assert (area_dir / "notes.txt").exists()
     stats = reopened.stats()
     assert (stats["corrupt"], stats["temp_files_removed"]) == (2, 1)
     assert sorted(k.chunk_hash for k in events.keys("ADMIT")) == [0, 3]
 
 
 def test_restart_rebuilds_the_same_inventory_and_announces_it(
-    make_backend, disk_dir: Path
+    make_backend, area_dir: Path
 ) -> None:
     backend = make_backend()
     fill(backend, range(5), tokens=7)
@@ -118,28 +105,33 @@ def test_restart_rebuilds_the_same_inventory_and_announces_it(
 
 
 def test_restart_with_a_lower_capacity_keeps_the_most_recently_used(
-    make_backend, disk_dir: Path
+    make_backend, area_dir: Path
 ) -> None:
     backend = make_backend()
     fill(backend, range(5))
     for i in (3, 1):  # uses, in this order: the LRU order becomes 0 2 4 3 1
         backend.get(key_of(i)).release()
-    size = chunk_files(disk_dir)[0].stat().st_size
+    size = chunk_files(area_dir)[0].stat().st_size
     backend.close()
 
     events = Events()
     reopened = make_backend(sink=events.sink, capacity_bytes=2 * size)
 
     assert [k.chunk_hash for k, _ in reopened.inventory()] == [3, 1]
-    assert len(chunk_files(disk_dir)) == 2
+    assert len(chunk_files(area_dir)) == 2
     assert reopened.stats()["evictions"] == 3
     assert [k.chunk_hash for k in events.keys("ADMIT")] == [3, 1]  # the evicted never announced
 
 
-def test_a_second_backend_on_the_same_directory_is_refused(make_backend) -> None:
-    make_backend()
-    with pytest.raises(BackendError, match="in use by another LocalDiskBackend"):
-        make_backend()
+def test_a_second_backend_never_takes_a_write_area_in_use(make_backend, area_dir: Path) -> None:
+    first = make_backend()
+    assert try_lock_directory(area_dir) is None  # the area's lock is held while it runs
+    second = make_backend()
+    assert (first.area, second.area) == (area_dir, area_dir.with_name(area_dir.name + ".1"))
+    first.close()
+    fd = try_lock_directory(area_dir)  # closing released it
+    assert fd is not None
+    os.close(fd)
 
 
 def test_directory_that_is_a_file_fails_with_a_clear_error(make_backend, tmp_path: Path) -> None:
@@ -150,7 +142,7 @@ def test_directory_that_is_a_file_fails_with_a_clear_error(make_backend, tmp_pat
 
 
 def test_sigkill_mid_write_leaves_only_complete_bit_exact_chunks(
-    make_backend, disk_dir: Path
+    make_backend, disk_dir: Path, area_dir: Path
 ) -> None:
     writer = subprocess.Popen(
         [sys.executable, str(HERE / "disk_crash_writer.py"), str(disk_dir)],
@@ -160,7 +152,7 @@ def test_sigkill_mid_write_leaves_only_complete_bit_exact_chunks(
     try:
         # kill while a write is under way: some chunks renamed, one in a temp file
         wait_until(
-            lambda: len(chunk_files(disk_dir)) >= 8 and bool(temp_files(disk_dir)),
+            lambda: len(chunk_files(area_dir)) >= 8 and bool(temp_files(area_dir)),
             timeout=60,
             what="the writer subprocess to store chunks",
         )
@@ -170,16 +162,16 @@ def test_sigkill_mid_write_leaves_only_complete_bit_exact_chunks(
         if writer.poll() is None:
             writer.kill()
             writer.wait()
-    on_disk = len(chunk_files(disk_dir))
-    torn = temp_files(disk_dir)  # the write the kill interrupted, if it landed in one
+    on_disk = len(chunk_files(area_dir))
+    torn = temp_files(area_dir)  # the write the kill interrupted, if it landed in one
     print(f"killed with {on_disk} chunk files and {len(torn)} temp files")
 
     events = Events()
     reopened = make_backend(sink=events.sink)
 
-    assert temp_files(disk_dir) == []
+    assert temp_files(area_dir) == []
     inventory = reopened.inventory()
-    assert len(inventory) >= 8 and len(inventory) == on_disk == len(chunk_files(disk_dir))
+    assert len(inventory) >= 8 and len(inventory) == on_disk == len(chunk_files(area_dir))
     for key, tokens in inventory:
         i = key.chunk_hash
         assert tokens == crash_tokens(i)
@@ -190,10 +182,10 @@ def test_sigkill_mid_write_leaves_only_complete_bit_exact_chunks(
 
 
 def test_file_deleted_behind_the_backends_back_is_a_miss_and_leaves_the_index(
-    backend: LocalDiskBackend, disk_dir: Path, events: Events
+    backend: LocalDiskBackend, area_dir: Path, events: Events
 ) -> None:
     fill(backend, range(1))
-    (disk_dir / (key_of(0).to_string() + ".kvchunk")).unlink()
+    (area_dir / (key_of(0).to_string() + ".kvchunk")).unlink()
 
     assert backend.get(key_of(0)) is None
     assert backend.inventory() == [] and backend.stats()["used_bytes"] == 0

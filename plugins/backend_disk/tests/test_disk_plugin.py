@@ -57,7 +57,7 @@ def test_factory_builds_the_backend_from_lmcache_and_disk_keys(
         assert backend.directory == tmp_path / "cache"
         backend.put(key_of(1), data_for(1), 16)
         assert backend.flush(timeout=30)
-        assert len(chunk_files(tmp_path / "cache")) == 1
+        assert len(chunk_files(backend.area)) == 1
         assert events.kinds() == ["ADMIT"]
     finally:
         backend.close()

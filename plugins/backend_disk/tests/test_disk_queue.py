@@ -34,7 +34,7 @@ def burst(backend: LocalDiskBackend, n: int) -> tuple[list[bool], collections.Co
 
 
 def test_drop_policy_drops_and_counts_chunks_beyond_a_full_queue(
-    make_backend, disk_dir: Path
+    make_backend, area_dir: Path
 ) -> None:
     backend = make_backend(
         capacity_bytes=1 << 30, write_queue_size=1, queue_full_policy="drop", fsync=True
@@ -50,7 +50,7 @@ def test_drop_policy_drops_and_counts_chunks_beyond_a_full_queue(
     assert calls == collections.Counter(range(60))  # on_done exactly once, dropped ones too
     stored = {k.chunk_hash for k, _ in backend.inventory()}
     assert stored == {i for i, ok in enumerate(results) if ok}
-    assert len(chunk_files(disk_dir)) == stats["written"]
+    assert len(chunk_files(area_dir)) == stats["written"]
 
 
 def test_block_policy_makes_put_wait_and_loses_nothing(make_backend) -> None:
@@ -67,7 +67,7 @@ def test_block_policy_makes_put_wait_and_loses_nothing(make_backend) -> None:
     assert calls == collections.Counter(range(30))
 
 
-def test_close_writes_everything_queued_first(make_backend, disk_dir: Path) -> None:
+def test_close_writes_everything_queued_first(make_backend, area_dir: Path) -> None:
     backend = make_backend(write_queue_size=16)
     done = [threading.Event() for _ in range(10)]
     for i in range(10):
@@ -76,7 +76,7 @@ def test_close_writes_everything_queued_first(make_backend, disk_dir: Path) -> N
     backend.close()
 
     assert all(event.is_set() for event in done)
-    assert len(chunk_files(disk_dir)) == 10
+    assert len(chunk_files(area_dir)) == 10
     reopened = make_backend(sink=Events().sink)
     assert len(reopened.inventory()) == 10
 
@@ -91,7 +91,7 @@ def test_put_after_close_raises_and_still_calls_on_done(backend: LocalDiskBacken
 
 
 def test_failed_write_calls_on_done_and_announces_nothing(
-    backend: LocalDiskBackend, disk_dir: Path, events: Events
+    backend: LocalDiskBackend, area_dir: Path, events: Events
 ) -> None:
     done = threading.Event()
     unreadable = torch.empty(1024, device="meta")  # has a size but no bytes to copy out
@@ -102,11 +102,11 @@ def test_failed_write_calls_on_done_and_announces_nothing(
     assert done.is_set()
     assert backend.stats()["write_errors"] == 1
     assert not backend.contains(key_of(0))
-    assert list(disk_dir.iterdir()) == [disk_dir / ".lmcache-disk.lock"]  # no file, no temp file
+    assert list(area_dir.iterdir()) == [area_dir / ".lmcache-disk.lock"]  # no file, no temp file
     assert events.seen == []
 
 
-def test_remove_of_a_queued_chunk_cancels_its_write(make_backend, disk_dir: Path) -> None:
+def test_remove_of_a_queued_chunk_cancels_its_write(make_backend, area_dir: Path) -> None:
     backend = make_backend(write_queue_size=64)
     done = {i: threading.Event() for i in range(20)}
     for i in range(20):
@@ -116,13 +116,13 @@ def test_remove_of_a_queued_chunk_cancels_its_write(make_backend, disk_dir: Path
 
     assert backend.flush(timeout=60)
     assert not backend.contains(key_of(19))
-    assert not (disk_dir / (key_of(19).to_string() + ".kvchunk")).exists()
+    assert not (area_dir / (key_of(19).to_string() + ".kvchunk")).exists()
     assert all(event.is_set() for event in done.values())
-    assert len(chunk_files(disk_dir)) == 19
+    assert len(chunk_files(area_dir)) == 19
 
 
 def test_concurrent_puts_gets_and_removes_keep_index_and_files_consistent(
-    make_backend, disk_dir: Path
+    make_backend, area_dir: Path
 ) -> None:
     backend = make_backend(capacity_bytes=40 * 70_000, write_queue_size=4)
     errors: list[BaseException] = []
@@ -149,7 +149,7 @@ def test_concurrent_puts_gets_and_removes_keep_index_and_files_consistent(
 
     assert errors == []
     stats = backend.stats()
-    files = chunk_files(disk_dir)
+    files = chunk_files(area_dir)
     assert stats["chunks"] == len(files) == len(backend.inventory())
     assert stats["tokens"] == sum(tokens for _, tokens in backend.inventory())
     assert stats["used_bytes"] == sum(p.stat().st_size for p in files) <= stats["capacity_bytes"]

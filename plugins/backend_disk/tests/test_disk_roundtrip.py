@@ -30,7 +30,7 @@ def test_round_trip_through_a_file_is_bit_exact(
 
 
 def test_write_behind_then_flush_then_get_reads_the_file(
-    backend: LocalDiskBackend, disk_dir, events
+    backend: LocalDiskBackend, area_dir, events
 ) -> None:
     done = threading.Event()
     data = data_for(5)
@@ -38,11 +38,11 @@ def test_write_behind_then_flush_then_get_reads_the_file(
     assert backend.flush(timeout=30)
 
     assert done.is_set()
-    assert [p.name for p in chunk_files(disk_dir)] == [key_of(5).to_string() + ".kvchunk"]
+    assert [p.name for p in chunk_files(area_dir)] == [key_of(5).to_string() + ".kvchunk"]
     assert events.kinds() == ["ADMIT"] and events.seen[0].num_tokens == 16
     stats = backend.stats()
     assert (stats["written"], stats["chunks"], stats["tokens"], stats["queued"]) == (1, 1, 16, 0)
-    assert stats["used_bytes"] == chunk_files(disk_dir)[0].stat().st_size
+    assert stats["used_bytes"] == chunk_files(area_dir)[0].stat().st_size
     view = backend.get(key_of(5))
     assert view is not None and same_bits(view.tensor, data)
     view.release()
@@ -107,14 +107,14 @@ def test_non_contiguous_tensor_is_stored_in_logical_order(backend: LocalDiskBack
 
 
 def test_key_too_long_for_a_file_name_still_round_trips_and_reindexes(
-    make_backend, disk_dir
+    make_backend, area_dir
 ) -> None:
     key = key_of(77, model="org/" + "very-long-model-name-" * 20)
     assert len(key.to_string()) > 255  # longer than most filesystems allow in one name
     backend = make_backend()
     assert backend.put(key, data_for(77), 16)
     assert backend.flush(timeout=30)
-    (path,) = chunk_files(disk_dir)
+    (path,) = chunk_files(area_dir)
     assert len(path.name.encode()) < 255
     backend.close()
 
