@@ -10,7 +10,7 @@ how the controller worker keeps the controller's index current.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,24 @@ class EngineMetadata:
     kv_dtype: str = "bfloat16"
 
 
+class PrefixHold:
+    """Chunk views of a stored prefix that ``CacheEngine.hold`` keeps from eviction and reuse."""
+
+    def __init__(self, held: list[tuple[ChunkSpan, ChunkView]]) -> None:
+        self.chunks = held
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens covered, from the first token on."""
+        return self.chunks[-1][0].end if self.chunks else 0
+
+    def release(self) -> None:
+        """Let the chunks go (idempotent)."""
+        held, self.chunks = self.chunks, []
+        for _, view in held:
+            view.release()
+
+
 class CacheEngine:
     """Stores and retrieves KV chunks by token prefix, over the enabled storage locations.
 
@@ -66,6 +84,7 @@ class CacheEngine:
         self.keys = KeyMaker(
             metadata.model_name, metadata.world_size, metadata.worker_id, metadata.kv_dtype
         )
+        self._shard = (metadata.model_name, metadata.world_size, metadata.worker_id, metadata.kv_dtype)
         self.events = EventBus()
         self.backends: dict[str, StorageBackend] = {}
         self._worker: WorkerHandle | None = None
@@ -73,7 +92,8 @@ class CacheEngine:
         try:
             for location, spec in backend_specs(self.pm).items():
                 if spec.enabled(settings):
-                    self.backends[location] = spec.factory(settings, self.events.sink(location))
+                    sink = self.events.sink(location, self.owns)
+                    self.backends[location] = spec.factory(settings, sink)
             self._tiers = list(self.backends.values())
             if start_worker if start_worker is not None else settings.enable_controller:
                 from lmcache_core.worker import start_worker as start
@@ -92,6 +112,15 @@ class CacheEngine:
     def locations(self) -> list[str]:
         """Enabled location names, fastest first."""
         return list(self.backends)
+
+    def owns(self, key: ChunkKey) -> bool:
+        """Whether ``key`` belongs to this engine's model shard (model, world size, rank, dtype).
+
+        A location may hold other chunks (a disk directory another model wrote into); they are
+        never announced nor listed in the inventory, so the controller never credits this
+        instance with chunks it cannot load.
+        """
+        return (key.model_name, key.world_size, key.worker_id, key.kv_dtype) == self._shard
 
     def backend(self, location: str) -> StorageBackend:
         """The backend at ``location``; ``UnknownLocationError`` lists the enabled ones."""
@@ -125,22 +154,29 @@ class CacheEngine:
                 f"kv has {kv.shape[token_dim]} entries in dimension {token_dim} "
                 f"but there are {len(tokens)} tokens; pass token_dim= for another layout"
             )
+        if kv is not None:
+            source: ChunkSource = lambda start, end: kv.narrow(token_dim, start, end - start)  # noqa: E731
+        else:
+            assert chunk_fn is not None
+            source = chunk_fn
+        return sum(self._store_span(span, source) for span in self.hasher.spans(tokens))
+
+    def store_chunks(self, chunks: Iterable[tuple[ChunkSpan, torch.Tensor]]) -> int:
+        """Store chunks already cut (spans from ``hasher.spans``); returns the tokens newly stored.
+
+        What a caller that copies chunks out ahead of time uses (``missing_spans`` first).
+        """
+        return sum(self._store_span(span, lambda *_: data) for span, data in chunks)
+
+    def _store_span(self, span: ChunkSpan, source: ChunkSource) -> int:
         if not self._tiers:
             return 0
-        stored = 0
-        for span in self.hasher.spans(tokens):
-            key = self.keys.key(span.chunk_hash)
-            missing = [b for b in self._tiers if not b.contains(key)]
-            if not missing:
-                continue
-            if kv is not None:
-                data = kv.narrow(token_dim, span.start, span.num_tokens)
-            else:
-                assert chunk_fn is not None
-                data = chunk_fn(span.start, span.end)
-            self._put_tiers(key, data, span.num_tokens, missing)
-            stored += span.num_tokens
-        return stored
+        key = self.keys.key(span.chunk_hash)
+        missing = [b for b in self._tiers if not b.contains(key)]
+        if not missing:
+            return 0
+        self._put_tiers(key, source(span.start, span.end), span.num_tokens, missing)
+        return span.num_tokens
 
     def _put_tiers(
         self, key: ChunkKey, data: torch.Tensor, num_tokens: int, targets: list[StorageBackend]
@@ -220,6 +256,36 @@ class CacheEngine:
                     log.warning("promoting a chunk into %s failed: %s", backend.location, exc)
                 return
 
+    def hold(self, tokens: TokenSequence) -> "PrefixHold":
+        """Views of the longest stored prefix, kept until ``PrefixHold.release()``.
+
+        While held, the chunks cannot be evicted and their memory is not reused, even if a
+        ``clear`` or ``remove`` drops them meanwhile (that still counts and announces them as
+        removed). A hit in a slower tier is promoted, as ``retrieve`` does.
+        """
+        held: list[tuple[ChunkSpan, ChunkView]] = []
+        try:
+            for span in self.hasher.spans(tokens):
+                view, tier = self._find(self.keys.key(span.chunk_hash))
+                if view is None:
+                    break
+                held.append((span, view))
+                if tier > 0:
+                    self._promote(self.keys.key(span.chunk_hash), view, tier)
+        except BaseException:
+            for _, view in held:
+                view.release()
+            raise
+        return PrefixHold(held)
+
+    def missing_spans(self, tokens: TokenSequence) -> list[ChunkSpan]:
+        """Chunks of ``tokens`` that at least one location lacks (what ``store`` would write)."""
+        return [
+            span
+            for span in self.hasher.spans(tokens)
+            if not all(b.contains(self.keys.key(span.chunk_hash)) for b in self._tiers)
+        ]
+
     def retrieve_tensor(
         self, tokens: TokenSequence, token_dim: int = 2
     ) -> tuple[int, torch.Tensor | None]:
@@ -261,8 +327,12 @@ class CacheEngine:
 
     # --- introspection and lifecycle ---------------------------------------------------------
     def inventory(self) -> dict[str, list[tuple[ChunkKey, int]]]:
-        """Every stored chunk with its token count, per location."""
-        return {location: backend.inventory() for location, backend in self.backends.items()}
+        """Every stored chunk of this engine's shard with its token count, per location."""
+        return {location: self.inventory_at(location) for location in self.backends}
+
+    def inventory_at(self, location: str) -> list[tuple[ChunkKey, int]]:
+        """Every stored chunk of this engine's shard at ``location`` (see ``owns``)."""
+        return [(key, n) for key, n in self.backend(location).inventory() if self.owns(key)]
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {location: backend.stats() for location, backend in self.backends.items()}

@@ -69,25 +69,34 @@ class EventBus:
             for callback in self._subscribers:
                 callback(event)
 
-    def sink(self, location: str) -> "EventSink":
-        """The announcer a backend at ``location`` uses."""
-        return EventSink(self, location)
+    def sink(self, location: str, accept: Callable[[ChunkKey], bool] | None = None) -> "EventSink":
+        """The announcer a backend at ``location`` uses.
+
+        With ``accept``, admits and evicts of keys it refuses are not announced (an engine
+        announces only chunks of its own model shard, whatever a shared directory holds).
+        """
+        return EventSink(self, location, accept)
 
 
 class EventSink:
     """What one backend uses to announce changes at its own location."""
 
-    __slots__ = ("_bus", "location")
+    __slots__ = ("_bus", "location", "_accept")
 
-    def __init__(self, bus: EventBus, location: str) -> None:
+    def __init__(
+        self, bus: EventBus, location: str, accept: Callable[[ChunkKey], bool] | None = None
+    ) -> None:
         self._bus = bus
         self.location = location
+        self._accept = accept
 
     def admitted(self, key: ChunkKey, num_tokens: int) -> None:
-        self._bus.emit(_ADMIT, self.location, key, num_tokens)
+        if self._accept is None or self._accept(key):
+            self._bus.emit(_ADMIT, self.location, key, num_tokens)
 
     def evicted(self, key: ChunkKey, num_tokens: int) -> None:
-        self._bus.emit(_EVICT, self.location, key, num_tokens)
+        if self._accept is None or self._accept(key):
+            self._bus.emit(_EVICT, self.location, key, num_tokens)
 
     def cleared(self, num_tokens: int) -> None:
         self._bus.emit(EventKind.CLEAR, self.location, None, num_tokens)

@@ -460,8 +460,11 @@ class WorkerHandle:
             while await self._publish_pending_locked():
                 pass
             for name in wanted:
-                backend = self.engine.backends.get(name)
-                items = [] if backend is None else await anyio.to_thread.run_sync(backend.inventory)
+                items = (
+                    await anyio.to_thread.run_sync(self.engine.inventory_at, name)
+                    if name in self.engine.backends
+                    else []  # closing
+                )
                 n = len(items)
                 hashes = np.fromiter((key.chunk_hash for key, _ in items), dtype="<u8", count=n)
                 tokens = np.fromiter((t for _, t in items), dtype="<u4", count=n)

@@ -9,16 +9,20 @@ Load it either way::
 The second name is registered by this distribution's ``vllm.general_plugins`` entry point.
 
 vLLM builds one connector per role. The WORKER one (in each worker process) owns the
-``CacheEngine``: it copies whole KV blocks into the engine when a prompt's prefill completes and
-out of it before the forward pass that needs them. The SCHEDULER one owns no data; it asks the
-worker how many tokens are cached through a ``LookupClient`` and plans loads and saves.
+``CacheEngine``: it moves tokens between vLLM's paged KV cache and canonical chunks
+(``paged_kv``: any attention backend, KV layout, block size and device), stores every token of
+a prompt when its prefill completes (``transfer``: copies queued on the device, stores in the
+background) and loads hits token by token before the forward pass that needs them. The
+SCHEDULER one owns no data; it asks the workers how many tokens are cached through a
+``LookupClient`` (which also holds those chunks for the request, ``holds``) and plans loads,
+saves and releases (``planning``).
 
-Loads are synchronous (they finish in ``start_load_kv``, before the forward pass). A load that
-fails (a chunk evicted or cleared since the lookup, a corrupt file, a chunk of another layout)
-reports its blocks through ``get_block_ids_with_load_errors`` and vLLM recomputes them when
-``kv_load_failure_policy`` is ``"recompute"`` (with vLLM's default ``"fail"`` the request ends
-with an error instead); loaded KV is never wrong, because a block is only ever copied whole
-from a chunk with the same prefix hash, model, rank, dtype, block size and shape.
+Loads are synchronous (they finish in ``start_load_kv``, before the forward pass) and read the
+chunks held since the lookup, so an eviction or a ``/clear`` in between does not fail the
+request even under vLLM's default ``kv_load_failure_policy``. A load that fails all the same (a
+hold expired, a chunk of another format) reports its blocks through
+``get_block_ids_with_load_errors``; loaded KV is never wrong, because a chunk is only ever
+copied from the same prefix hash, model, rank and dtype, and its shape is checked.
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from lmcache_core.config import LMCacheSettings, load_settings
-from lmcache_core.engine import CacheEngine, EngineMetadata
-from lmcache_core.errors import ConfigError, LMCacheError
-from lmcache_core.keys import ChunkSpan
+from lmcache_core.engine import CacheEngine, EngineMetadata, PrefixHold
+from lmcache_core.errors import ConfigError
 from lmcache_core.plugins import get_plugin_manager
+
+from lmcache_connector_vllm.holds import HoldTable
 
 from lmcache_connector_vllm.lookup_channel import (
     LookupChannelError,
@@ -48,7 +53,7 @@ from lmcache_connector_vllm.lookup_channel import (
     LookupServer,
     channel_path,
 )
-from lmcache_connector_vllm.paged_kv import TOKEN_DIM, PagedKVLayout
+from lmcache_connector_vllm.paged_kv import TOKEN_DIM, KVLayoutError, PagedKV
 from lmcache_connector_vllm.planning import (
     CachedRequest,
     LoadPlanner,
@@ -56,6 +61,7 @@ from lmcache_connector_vllm.planning import (
     NewRequest,
     SaveSpec,
 )
+from lmcache_connector_vllm.transfer import BackgroundStorer, DeviceStager, SaveJob
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -76,25 +82,97 @@ class LMCacheConnectorMetadata(KVConnectorMetadata):
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    releases: list[str] = field(default_factory=list)
 
 
 def engine_metadata(vllm_config: "VllmConfig", rank: int) -> EngineMetadata:
     """Chunk-key fields from vLLM's config.
 
-    ``kv_dtype`` also names the block size: blocks of different sizes lay KV out differently,
-    so they must never share keys.
+    ``kv_dtype`` is the KV cache dtype (and ``.mla`` for latent caches). Block size, attention
+    backend, KV layout and device are not part of a key: chunks are stored in one canonical
+    format (``paged_kv``), so any of them may differ between the instance that stores a chunk
+    and the one that loads it.
     """
     model_config = vllm_config.model_config
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    dtype = str(model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else str(cache_dtype)
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    dtype = str(model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else cache_dtype
+    if model_config.use_mla:
+        dtype += ".mla"
     parallel = vllm_config.parallel_config
     world_size = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
     return EngineMetadata(
         model_name=str(model_config.model),
         world_size=world_size,
         worker_id=rank,
-        kv_dtype=f"{dtype}.blk{vllm_config.cache_config.block_size}",
+        kv_dtype=dtype,
     )
+
+
+def paged_kv_for(
+    kv_caches: dict[str, torch.Tensor],
+    vllm_config: "VllmConfig",
+    kv_cache_config: "KVCacheConfig | None",
+) -> PagedKV:
+    """The token translator for the tensors vLLM registered, from what vLLM declares.
+
+    The content split (keys and values of ``head_size`` each, or one latent / packed vector)
+    comes from the cache group's ``AttentionSpec`` (the model config when there is none); the
+    layout comes from the tensors' own strides. Anything else is a ``ConfigError`` naming the
+    shape, the attention backend and the KV cache layout.
+    """
+    from vllm.v1.kv_cache_interface import AttentionSpec, MLAAttentionSpec
+
+    model_config = vllm_config.model_config
+    groups = list(kv_cache_config.kv_cache_groups) if kv_cache_config is not None else []
+    describe = _describe_backend(vllm_config, kv_cache_config, list(kv_caches))
+    if len(groups) > 1:
+        raise ConfigError(
+            f"the lmcache connector supports one KV cache group; this model has {len(groups)} "
+            f"(a hybrid model: {describe})"
+        )
+    spec = groups[0].kv_cache_spec if groups else None
+    first = next(iter(kv_caches.values()), None)
+    content = int(first.shape[-1]) if first is not None and first.dim() == 4 else -1
+    if isinstance(spec, MLAAttentionSpec) or (spec is None and model_config.use_mla):
+        planes, width = 1, content
+    elif isinstance(spec, AttentionSpec) and spec.state_content_bytes is not None:
+        planes, width = 1, content  # packed quantised content: opaque per token and head
+    else:
+        head = spec.head_size if isinstance(spec, AttentionSpec) else model_config.get_head_size()
+        head_v = spec.head_size_v if isinstance(spec, AttentionSpec) else head
+        if head != head_v:
+            raise ConfigError(
+                f"the lmcache connector needs equal key and value head sizes, got {head} and "
+                f"{head_v} ({describe})"
+            )
+        planes, width = 2, head
+    try:
+        return PagedKV(
+            kv_caches, int(vllm_config.cache_config.block_size), planes=planes, width=width,
+            describe=describe,
+        )
+    except KVLayoutError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _describe_backend(
+    vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None", layer_names: list[str]
+) -> str:
+    """'attention backend X, KV cache layout Y' for messages (what vLLM says it uses)."""
+    layout = getattr(kv_cache_config, "kv_cache_layout", None) or getattr(
+        vllm_config.cache_config, "kv_cache_layout", None
+    )
+    backend = "unknown"
+    try:
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+        layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, layer_names)
+        if layers:
+            backend = next(iter(layers.values())).get_attn_backend().get_name()
+    except Exception:  # only for the message: never fail start-up over it
+        pass
+    return f"attention backend {backend}, KV cache layout {layout or 'unknown'}"
 
 
 def _worker_rank() -> int:
@@ -128,8 +206,7 @@ def _load_settings() -> LMCacheSettings:
 class LMCacheConnectorV1(KVConnectorBase_V1):
     """vLLM v1 KV connector storing prompt KV in lmcache-core's tiered cache.
 
-    Configuration comes from ``LMCACHE_CONFIG_FILE`` and ``LMCACHE_*`` variables; the chunk
-    size must be a multiple of vLLM's block size.
+    Configuration comes from ``LMCACHE_CONFIG_FILE`` and ``LMCACHE_*`` variables.
     """
 
     @property
@@ -146,11 +223,6 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._settings = _load_settings()
         self._block_size = int(vllm_config.cache_config.block_size)
-        if self._settings.chunk_size % self._block_size != 0:
-            raise ConfigError(
-                f"chunk_size {self._settings.chunk_size} must be a multiple of vLLM's block size "
-                f"{self._block_size} (set chunk_size or --block-size)"
-            )
         engine_id = str(self._kv_transfer_config.engine_id)
         self._instance_id = self._settings.lmcache_instance_id
         self._lookup_timeout = float(
@@ -165,7 +237,10 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         # worker side
         self._engine: CacheEngine | None = None
         self._server: LookupServer | None = None
-        self._layout: PagedKVLayout | None = None
+        self._kv: PagedKV | None = None
+        self._holds: HoldTable | None = None
+        self._storer: BackgroundStorer | None = None
+        self._stager: DeviceStager | None = None
         self._invalid_blocks: set[int] = set()
         self._failed_loads: set[str] = set()  # requests whose load failed in this step
         self._closed = False
@@ -182,9 +257,13 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
                 engine_metadata(vllm_config, rank),
             )
             try:
+                self._holds = HoldTable(float(getattr(self._settings, "connector_vllm_hold_seconds", 60.0)))
+                self._storer = BackgroundStorer(
+                    self._engine, int(getattr(self._settings, "connector_vllm_save_queue", 64))
+                )
                 self._server = LookupServer(self._channels[rank], self._engine_lookup)
             except BaseException:
-                self._engine.close()
+                self.shutdown()
                 raise
             # vLLM calls shutdown() on a clean exit; this also covers an interpreter exit
             atexit.register(self.shutdown)
@@ -194,11 +273,10 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             )
         else:
             if self._kv_transfer_config.kv_load_failure_policy != "recompute":
-                log.warning(
-                    "lmcache connector: kv_load_failure_policy is %r, so a chunk that fails to "
-                    "load (evicted or cleared after its lookup, corrupt on disk) fails its "
-                    "request; set \"kv_load_failure_policy\":\"recompute\" in "
-                    "--kv-transfer-config to recompute it instead",
+                log.info(
+                    "lmcache connector: kv_load_failure_policy is %r; chunks promised by a "
+                    "lookup are held until loaded, so evictions and clears do not fail "
+                    "requests, but an unreadable chunk would (\"recompute\" avoids that)",
                     self._kv_transfer_config.kv_load_failure_policy,
                 )
             self._clients = [LookupClient(p, self._lookup_timeout) for p in self._channels]
@@ -206,7 +284,6 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             self._loads_enabled = bool(self._kv_transfer_config.is_kv_consumer)
             self._planner = LoadPlanner(
                 self._block_size,
-                self._settings.chunk_size,
                 self._lookup_all_ranks,
                 save=bool(self._kv_transfer_config.is_kv_producer),
             )
@@ -214,52 +291,69 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     # ==============================================================================
     # Worker side
     # ==============================================================================
-    def _engine_lookup(self, tokens: Any) -> int:
-        engine = self._engine
-        return engine.lookup(tokens) if engine is not None else 0
+    def _engine_lookup(self, tokens: Any, req_id: str = "") -> int:
+        """Tokens cached; with ``req_id``, those chunks are held for that request's load."""
+        engine, holds = self._engine, self._holds
+        if engine is None or holds is None:
+            return 0
+        if not req_id:
+            return engine.lookup(tokens)
+        held = holds.matching(req_id, tokens)
+        if held is None:
+            held = engine.hold(tokens)
+            holds.put(req_id, tokens, held)
+        return held.num_tokens
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Remember vLLM's paged KV tensors (one per attention layer)."""
-        num_blocks = int(self._kv_cache_config.num_blocks)
-        self._layout = PagedKVLayout.from_kv_caches(kv_caches, self._block_size, num_blocks)
+        """Remember vLLM's paged KV tensors (one per attention layer) and their layout."""
+        self._kv = paged_kv_for(kv_caches, self._vllm_config, self._kv_cache_config)
+        self._stager = DeviceStager(self._kv.device)
+        fmt = self._kv.format
         log.info(
-            "lmcache connector: %d layers, block %d tokens x %d elements per row, %s",
-            self._layout.num_layers, self._block_size, self._layout.row, self._layout.dtype,
+            "lmcache connector: %d layers on %s, %d heads x %d x %d per token, %s; chunks "
+            "[layers, %d, tokens, %d]",
+            fmt.num_layers, self._kv.device, fmt.heads, fmt.planes, fmt.width, fmt.dtype,
+            fmt.planes, fmt.heads * fmt.width,
         )
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        """Copy this step's hits into their blocks before the forward pass (synchronously)."""
+        """Let go of unused holds, then copy this step's hits into their blocks."""
         if not self.has_connector_metadata():
             return
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, LMCacheConnectorMetadata)
+        if self._holds is not None:
+            for req_id in metadata.releases:
+                self._holds.release(req_id)
         for spec in metadata.loads:
             self._load(spec)
 
     def _load(self, spec: LoadSpec) -> None:
-        engine, layout, bs = self._engine, self._layout, self._block_size
+        engine, kv, holds = self._engine, self._kv, self._holds
         loaded_to = spec.start  # tokens [start, loaded_to) are in their blocks
-        hits_before = self._location_hits()
-
-        def sink(span: ChunkSpan, tensor: torch.Tensor) -> None:
-            nonlocal loaded_to
-            # skip blocks vLLM already has, and a chunk's tail past the last loadable token
-            begin, stop = max(span.start, spec.start), min(span.end, spec.end)
-            if stop <= begin:
-                return
-            part = tensor.narrow(TOKEN_DIM, begin - span.start, stop - begin)
-            assert layout is not None
-            layout.scatter(part, spec.block_ids[begin // bs : stop // bs])
-            loaded_to = stop
-
-        if engine is not None and layout is not None:
-            try:
-                engine.retrieve(spec.token_ids, sink)
-            except Exception as exc:  # any failure: recompute, never crash the worker
-                log.warning("lmcache load for request %s failed: %s", spec.req_id, exc)
-        sources = self._hits_since(hits_before)
+        held: PrefixHold | None = None
+        try:
+            if engine is not None and kv is not None and holds is not None:
+                held = holds.take(spec.req_id)
+                if held is None:  # the hold expired (or another rank's lookup made it): take now
+                    held = engine.hold(spec.token_ids)
+                for span, view in held.chunks:
+                    begin, stop = max(span.start, loaded_to), min(span.end, spec.end)
+                    if span.start > loaded_to or stop <= begin:
+                        continue
+                    part = view.tensor.narrow(TOKEN_DIM, begin - span.start, stop - begin)
+                    kv.scatter(part, kv.slots(spec.block_ids, begin, stop))
+                    loaded_to = stop
+                assert self._stager is not None
+                self._stager.finish_loads()  # the held memory is read before it is let go
+        except Exception as exc:  # any failure: recompute, never crash the worker
+            log.warning("lmcache load for request %s failed: %s", spec.req_id, exc)
+        finally:
+            if held is not None:
+                held.release()
+        bs = self._block_size
         if loaded_to < spec.end:
-            bad = spec.block_ids[loaded_to // bs : spec.end // bs]
+            bad = spec.block_ids[loaded_to // bs : -(-spec.end // bs)]
             self._invalid_blocks.update(bad)
             # its blocks past loaded_to hold no valid KV this step: never store them
             self._failed_loads.add(spec.req_id)
@@ -269,20 +363,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             )
         else:
             log.info(
-                "lmcache: request %s loaded %d tokens (%d..%d); chunk hits per location: %s",
-                spec.req_id, spec.end - spec.start, spec.start, spec.end, sources,
+                "lmcache: request %s loaded %d tokens (%d..%d)",
+                spec.req_id, spec.end - spec.start, spec.start, spec.end,
             )
-
-    def _location_hits(self) -> dict[str, int]:
-        engine = self._engine
-        if engine is None:
-            return {}
-        return {loc: int(st.get("hits", 0)) for loc, st in engine.stats().items()}
-
-    def _hits_since(self, before: dict[str, int]) -> dict[str, int]:
-        """Chunk hits per location since ``before`` (for the log: which tier served a load)."""
-        now = self._location_hits()
-        return {loc: n - before.get(loc, 0) for loc, n in now.items() if n - before.get(loc, 0)}
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads finish in ``start_load_kv``; nothing to wait for."""
@@ -294,44 +377,47 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         attn_metadata: "AttentionMetadata",
         **kwargs: Any,
     ) -> None:
-        """Nothing per layer: whole blocks of every layer are stored in ``wait_for_save``."""
+        """Nothing per layer: every layer is gathered at once in ``wait_for_save``."""
 
     def wait_for_save(self) -> None:
-        """Store the prompts whose prefill completed this step (copies out of vLLM's blocks)."""
+        """Queue copies of the prompts whose prefill completed this step; stores run behind."""
         if not self.has_connector_metadata():
             return
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, LMCacheConnectorMetadata)
-        engine, layout, bs = self._engine, self._layout, self._block_size
-        if engine is None or layout is None:
+        engine, kv, stager, storer = self._engine, self._kv, self._stager, self._storer
+        if engine is None or kv is None or stager is None or storer is None:
             return
         failed, self._failed_loads = self._failed_loads, set()
         for spec in metadata.saves:
             if spec.req_id in failed:
                 continue
-            blocks = spec.block_ids
-
-            def chunk(start: int, end: int, blocks: list[int] = blocks) -> torch.Tensor:
-                return layout.gather(blocks[start // bs : end // bs])
-
             try:
-                stored = engine.store(spec.token_ids, chunk_fn=chunk, token_dim=TOKEN_DIM)
-            except (LMCacheError, RuntimeError, ValueError) as exc:
+                chunks = [
+                    (span, kv.gather(kv.slots(spec.block_ids, span.start, span.end)))
+                    for span in engine.missing_spans(spec.token_ids)
+                ]
+                if not chunks:
+                    continue
+                host, ready = stager.to_host(chunks)
+            except (RuntimeError, ValueError, IndexError) as exc:
                 # a failed save is a future miss, never a failed request
-                log.warning("lmcache store for request %s failed: %s", spec.req_id, exc)
+                log.warning("lmcache save for request %s failed: %s", spec.req_id, exc)
                 continue
-            log.debug(
-                "lmcache: request %s stored %d new of %d tokens",
-                spec.req_id, stored, len(spec.token_ids),
-            )
+            storer.submit(SaveJob(spec.req_id, host, ready))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose load failed since the last call (vLLM recomputes them)."""
         bad, self._invalid_blocks = self._invalid_blocks, set()
         return bad
 
+    def flush_saves(self, timeout: float | None = None) -> bool:
+        """Wait until every queued save is stored (tests, benchmarks, shutdown)."""
+        storer = self._storer
+        return True if storer is None else storer.wait_idle(timeout)
+
     def shutdown(self) -> None:
-        """Stop serving lookups and close the engine (queued disk writes complete first)."""
+        """Stop serving lookups, store queued saves, release holds, close the engine."""
         with self._close_lock:
             if self._closed:
                 return
@@ -339,6 +425,12 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        storer, self._storer = self._storer, None
+        if storer is not None:
+            storer.close()
+        holds, self._holds = self._holds, None
+        if holds is not None:
+            holds.close()
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.close()
@@ -348,12 +440,15 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     # ==============================================================================
     # Scheduler side
     # ==============================================================================
-    def _lookup_all_ranks(self, tokens: list[int]) -> int:
-        """Every rank must hold a prefix for it to count; any error is a miss."""
+    def _lookup_all_ranks(self, req_id: str, tokens: list[int]) -> int:
+        """Every rank must hold a prefix for it to count; any error is a miss.
+
+        Each rank holds what it found for ``req_id`` until the load or a release.
+        """
         found = len(tokens)
         for client in self._clients:
             try:
-                found = min(found, client.lookup(tokens))
+                found = min(found, client.lookup(tokens, req_id))
             except LookupChannelError as exc:
                 log.warning("lmcache lookup failed, treating it as a miss: %s", exc)
                 return 0
@@ -364,7 +459,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: "Request", num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        """Cached whole blocks beyond ``num_computed_tokens``, loaded synchronously."""
+        """Cached tokens beyond ``num_computed_tokens``, loaded synchronously."""
         assert self._planner is not None
         if not self._loads_enabled:
             return 0, False
@@ -410,12 +505,12 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             for i, req_id in enumerate(cached_reqs.req_ids)
         ]
         plan = self._planner.plan(new, cached)
-        return LMCacheConnectorMetadata(loads=plan.loads, saves=plan.saves)
+        return LMCacheConnectorMetadata(loads=plan.loads, saves=plan.saves, releases=plan.releases)
 
     def request_finished(
         self, request: "Request", block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        """Saves already happened when the prefill completed, so blocks can be freed now."""
+        """Saves were copied out when the prefill completed, so blocks can be freed now."""
         if self._planner is not None:
             self._planner.finished(request.request_id)
         return False, None

@@ -9,10 +9,14 @@ instance id and the worker's rank, so two vLLM instances on one machine never cr
 When the scheduler and the worker share a process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the
 client finds the worker's lookup function in a process-local registry and skips the socket.
 
-Wire format (version 1), both directions little-endian:
+Wire format (version 2), both directions little-endian:
 
-* request: ``u32 count`` then ``count`` ``i64`` token ids;
+* request: ``u32 count``, ``u16 id_length``, the request id (UTF-8; empty: a plain lookup),
+  then ``count`` ``i64`` token ids;
 * answer: ``i64 tokens`` (the longest stored prefix), or ``-1`` when the lookup failed.
+
+A lookup with a request id also *holds* what it found for that request in the worker (see
+``CacheEngine.hold``), until the load or a release named in the connector's step metadata.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from lmcache_core.errors import LMCacheError
 
 log = logging.getLogger(__name__)
 
-LookupFn = Callable[[np.ndarray], int]
+#: ``lookup(tokens, req_id)``; ``req_id`` is ``""`` for a lookup that holds nothing
+LookupFn = Callable[[np.ndarray, str], int]
 
-_HEADER = struct.Struct("<I")
+_HEADER = struct.Struct("<IH")
 _ANSWER = struct.Struct("<q")
 #: the longest token list one request may carry (guards the server against garbage lengths)
 MAX_TOKENS = 1 << 24
@@ -120,12 +125,13 @@ class LookupServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             while True:
-                (count,) = _HEADER.unpack(_recv_exact(conn, _HEADER.size))
+                count, id_length = _HEADER.unpack(_recv_exact(conn, _HEADER.size))
                 if count > MAX_TOKENS:
                     raise ConnectionError(f"lookup of {count} tokens exceeds {MAX_TOKENS}")
+                req_id = _recv_exact(conn, id_length).decode("utf-8", "replace")
                 tokens = np.frombuffer(_recv_exact(conn, count * 8), dtype="<i8")
                 try:
-                    found = int(self._lookup(tokens))
+                    found = int(self._lookup(tokens, req_id))
                 except Exception:  # a failed lookup is a miss for the scheduler, not a crash
                     log.exception("lmcache lookup failed")
                     found = -1
@@ -205,13 +211,19 @@ class LookupClient:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
 
-    def lookup(self, tokens: Sequence[int] | np.ndarray) -> int:
-        """Tokens in the longest stored prefix of ``tokens``, as the worker sees it."""
+    def lookup(self, tokens: Sequence[int] | np.ndarray, req_id: str = "") -> int:
+        """Tokens in the longest stored prefix of ``tokens``, as the worker sees it.
+
+        With ``req_id``, the worker holds those chunks for that request (see the module doc).
+        """
         local = _LOCAL.get(self.path)
         arr = np.ascontiguousarray(np.asarray(tokens, dtype="<i8"))
         if local is not None:
-            return int(local(arr))
-        payload = _HEADER.pack(len(arr)) + arr.tobytes()
+            return int(local(arr, req_id))
+        ident = req_id.encode("utf-8")
+        if len(ident) > 0xFFFF:
+            raise LookupChannelError(f"request id of {len(ident)} bytes is too long to send")
+        payload = _HEADER.pack(len(arr), len(ident)) + ident + arr.tobytes()
         with self._lock:
             for attempt in (1, 2):  # one retry on a fresh connection (the worker restarted)
                 if self._sock is None:

@@ -1,125 +1,287 @@
-"""Copying whole vLLM blocks between vLLM's paged KV tensors and lmcache chunks.
+"""Moving tokens between vLLM's paged KV cache and lmcache's canonical chunk format.
 
-vLLM hands ``register_kv_caches`` one tensor per attention layer whose first dimension is the
-block index (on CPU: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, keys and values
-packed per head in a backend-specific order). The connector never interprets a block's inside:
-it copies whole blocks verbatim, so any backend layout round-trips exactly. A block's KV
-depends only on the tokens up to its end, and a block always sits at the same token positions,
-so a copied block is valid wherever the same prefix occurs again.
+vLLM 0.32 hands ``register_kv_caches`` one view per attention layer whose *logical* shape is
+``[B, H, N, C]`` whatever the attention backend: kernel blocks, KV heads (head slots), tokens
+per kernel block and the per-token content (keys then values, ``head_size + head_size_v``
+elements, for attention; the latent vector for MLA, where ``H == 1``). The backend's
+``KVCacheLayout`` (``LBHNC`` for the CPU backend and FlashAttention's HND, ``LBNHC`` for
+FlashAttention's default NHD, FlashInfer and Triton, ``LHBNC``, the cross-layer ``BLHNC`` ...)
+changes only the *strides* of those views, so the strides vLLM hands over are the layout.
 
-A chunk of ``n`` tokens (``n`` a multiple of the block size) is stored as a tensor
-``[num_layers, n, row]``: each block's memory cut into ``block_size`` equal rows, so slicing the
-token dimension at block boundaries is slicing whole blocks (the engine's ``token_dim=1``).
+The canonical chunk of ``n`` tokens is one contiguous tensor
+``[layers, planes, n, heads * width]``: ``planes == 2`` (keys, values; ``width`` = head size)
+for attention, ``planes == 1`` (``width`` = the whole content) for MLA and for packed
+quantised content. It names no block, block size, backend, layout or device, so a chunk stored
+by one vLLM loads into another with any of those different. A token's place in vLLM is its
+*slot*: ``block_id * block_size + offset`` (scheduler blocks; kernel blocks of one scheduler
+block are adjacent, so the slot arithmetic is the same).
+
+Every copy is a single ``index_select`` (gather) or ``index_copy_`` (scatter) over the cache's
+storage seen as rows of ``g`` elements (``g`` divides the head width and every stride), with a
+row index built from the strides: one kernel for all layers that share one allocation (vLLM
+allocates them all in one), on CPU and on CUDA alike, and bytes are copied as integers, so fp8
+and every other dtype round-trip exactly.
+
+This module needs torch only (no vLLM): ``benchmarks/bench_paged_kv.py`` runs it anywhere.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from lmcache_core.errors import ConfigError
-
 #: the dimension of a chunk tensor that counts tokens
-TOKEN_DIM = 1
+TOKEN_DIM = 2
+
+#: dtypes that move rows as raw bits, widest first; each copy takes the widest that divides a
+#: row. CPU's index_select copies integer rows fastest, its index_copy_ costs per element, so a
+#: scatter goes as 16-byte elements (a complex128 copy is bitwise: the tests check random bits)
+_GATHER_RAW = (torch.int64, torch.int32, torch.int16, torch.uint8)
+_SCATTER_RAW = (torch.complex128, *_GATHER_RAW)
+
+#: physical orders of vLLM 0.32's KV cache layouts, over the logical axes [L, B, H, N, C]
+LAYOUT_ORDERS: dict[str, tuple[int, ...]] = {
+    "LBHNC": (0, 1, 2, 3, 4),
+    "LBNHC": (0, 1, 3, 2, 4),
+    "LHBNC": (0, 2, 1, 3, 4),
+    "BLHNC": (1, 0, 2, 3, 4),
+    "BLNHC": (1, 0, 3, 2, 4),
+    "BHLNC": (1, 2, 0, 3, 4),
+}
+
+
+class KVLayoutError(ValueError):
+    """vLLM's KV cache tensors are not in a layout this module can address by token."""
 
 
 class ChunkLayoutError(ValueError):
-    """A stored chunk does not fit this vLLM instance's KV layout (never loaded)."""
+    """A stored chunk does not fit this vLLM instance's chunk format (never loaded)."""
+
+
+@dataclass(frozen=True)
+class ChunkFormat:
+    """The canonical chunk format of one worker: ``[layers, planes, tokens, heads * width]``."""
+
+    num_layers: int
+    planes: int
+    heads: int
+    width: int
+    dtype: torch.dtype
+
+    def shape(self, num_tokens: int) -> tuple[int, int, int, int]:
+        return (self.num_layers, self.planes, num_tokens, self.heads * self.width)
+
+    def nbytes(self, num_tokens: int) -> int:
+        return math.prod(self.shape(num_tokens)) * self.dtype.itemsize
 
 
 @dataclass
-class PagedKVLayout:
-    """The per-layer paged KV tensors of one worker, viewed as ``[blocks, block_size, row]``."""
+class _Run:
+    """Consecutive layers whose caches live in one storage: one index op moves them all."""
 
-    layer_names: list[str]
-    #: one view per layer: ``[num_blocks, block_size, row]`` over vLLM's own memory
-    views: list[torch.Tensor]
-    block_size: int
+    first: int
+    count: int
+    rows: torch.Tensor  # the whole storage as [rows, bytes of g elements]
+    base: torch.Tensor  # [count, planes, 1, heads, width // g]: row offsets of each element run
 
-    @classmethod
-    def from_kv_caches(
-        cls, kv_caches: Mapping[str, torch.Tensor], block_size: int, num_blocks: int
-    ) -> "PagedKVLayout":
-        """Build views over ``kv_caches`` (layer name -> tensor, in model order).
 
-        ``num_blocks`` is the scheduler's block count; a backend that splits each scheduler
-        block into several kernel blocks has ``tensor.shape[0] == k * num_blocks``, and the
-        ``k`` kernel blocks of one scheduler block are adjacent.
-        """
+class PagedKV:
+    """Copies tokens between one worker's paged KV tensors and canonical chunks, by slot.
+
+    >>> kv = PagedKV(kv_caches, block_size=16, planes=2, width=128)   # doctest: +SKIP
+    >>> slots = kv.slots(block_ids, 0, 300)                          # doctest: +SKIP
+    >>> chunk = kv.gather(slots)          # [layers, 2, 300, heads * 128]  # doctest: +SKIP
+    >>> kv.scatter(chunk, other_slots)                                # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        kv_caches: Mapping[str, torch.Tensor],
+        block_size: int,
+        *,
+        planes: int,
+        width: int,
+        describe: str = "",
+    ) -> None:
+        where = f" ({describe})" if describe else ""
         if not kv_caches:
-            raise ConfigError("vLLM registered no KV cache tensors with the lmcache connector")
+            raise KVLayoutError(f"vLLM registered no KV cache tensors{where}")
         names: list[str] = []
-        views: list[torch.Tensor] = []
-        seen: set[tuple[int, tuple[int, ...]]] = set()
+        tensors: list[torch.Tensor] = []
+        seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
         for name, tensor in kv_caches.items():
-            ident = (tensor.data_ptr(), tuple(tensor.shape))
-            if ident in seen:  # layers sharing one KV cache: store it once
+            ident = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+            if ident in seen:  # layers sharing one KV cache: move it once
                 continue
             seen.add(ident)
-            views.append(_block_view(name, tensor, block_size, num_blocks))
             names.append(name)
-        shapes = {tuple(v.shape[1:]) for v in views}
-        dtypes = {v.dtype for v in views}
-        if len(shapes) != 1 or len(dtypes) != 1:
-            raise ConfigError(
-                "the lmcache connector needs every attention layer to have the same KV block "
-                f"shape and dtype; got shapes {sorted(shapes)} and dtypes {sorted(map(str, dtypes))}"
+            tensors.append(tensor)
+        first = tensors[0]
+        shape, stride = tuple(first.shape), tuple(first.stride())
+        for name, tensor in zip(names, tensors):
+            if (tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device) != (
+                shape, stride, first.dtype, first.device,
+            ):
+                raise KVLayoutError(
+                    f"every attention layer must have the same KV cache shape, strides, dtype "
+                    f"and device{where}; layer '{name}' has {tuple(tensor.shape)} "
+                    f"{tuple(tensor.stride())} {tensor.dtype} {tensor.device}, layer "
+                    f"'{names[0]}' has {shape} {stride} {first.dtype} {first.device}"
+                )
+        if len(shape) != 4 or stride[3] != 1:
+            raise KVLayoutError(
+                f"unknown KV cache layout{where}: shape {shape}, strides {stride}, dtype "
+                f"{first.dtype}; the lmcache connector reads vLLM 0.32's [blocks, heads, "
+                "tokens, content] views with contiguous content"
             )
-        return cls(names, views, block_size)
+        num_kernel_blocks, heads, kernel_block, content = shape
+        if planes * width != content or planes not in (1, 2):
+            raise KVLayoutError(
+                f"unknown KV cache layout{where}: shape {shape} has {content} content elements "
+                f"per head and token, expected {planes} x {width}"
+            )
+        if block_size % kernel_block != 0:
+            raise KVLayoutError(
+                f"unknown KV cache layout{where}: kernel blocks of {kernel_block} tokens do not "
+                f"divide vLLM's block size {block_size}"
+            )
+        self.layer_names = names
+        self.block_size = block_size
+        self.kernel_block = kernel_block
+        self.num_kernel_blocks = num_kernel_blocks
+        self.device = first.device
+        self.format = ChunkFormat(len(tensors), planes, heads, width, first.dtype)
+        offsets = [t.storage_offset() for t in tensors]
+        self._g = g = math.gcd(width, *stride[:3], *offsets)
+        self._row_bytes = g * first.dtype.itemsize
+        self._block_stride, self._token_stride = stride[0] // g, stride[2] // g
+        self._runs = self._plan_runs(tensors, offsets, heads, stride[1] // g, width // g)
 
+    def _plan_runs(
+        self, tensors: list[torch.Tensor], offsets: list[int], heads: int, head_rows: int,
+        width_rows: int,
+    ) -> list[_Run]:
+        g, fmt, device = self._g, self.format, self.device
+        runs: list[_Run] = []
+        start = 0
+        for i in range(1, len(tensors) + 1):
+            same = i < len(tensors) and (
+                tensors[i].untyped_storage().data_ptr() == tensors[start].untyped_storage().data_ptr()
+            )
+            if same:
+                continue
+            storage = tensors[start].untyped_storage()
+            rows = torch.empty(0, dtype=torch.uint8, device=device).set_(
+                storage, 0, (storage.nbytes() // self._row_bytes, self._row_bytes)
+            )
+            layer = torch.tensor([o // g for o in offsets[start:i]], dtype=torch.long)
+            plane = torch.arange(fmt.planes, dtype=torch.long) * (fmt.width // g)
+            head = torch.arange(heads, dtype=torch.long) * head_rows
+            sub = torch.arange(width_rows, dtype=torch.long)
+            base = (
+                layer.view(-1, 1, 1, 1, 1)
+                + plane.view(1, -1, 1, 1, 1)
+                + head.view(1, 1, 1, -1, 1)
+                + sub.view(1, 1, 1, 1, -1)
+            )
+            runs.append(_Run(start, i - start, rows, base.to(device)))
+            start = i
+        return runs
+
+    # --- addressing --------------------------------------------------------------------------
     @property
-    def num_layers(self) -> int:
-        return len(self.views)
+    def num_slots(self) -> int:
+        return self.num_kernel_blocks * self.kernel_block
 
-    @property
-    def row(self) -> int:
-        return int(self.views[0].shape[2])
+    def slots(self, block_ids: Sequence[int], start: int, end: int) -> torch.Tensor:
+        """Slots of tokens ``[start, end)`` of a request whose blocks are ``block_ids``."""
+        positions = torch.arange(start, end, dtype=torch.long)
+        blocks = torch.as_tensor(list(block_ids), dtype=torch.long)
+        if end > start and (end - 1) // self.block_size >= len(blocks):
+            raise IndexError(
+                f"tokens up to {end} need {(end - 1) // self.block_size + 1} blocks, "
+                f"the request has {len(blocks)}"
+            )
+        slots = blocks[positions // self.block_size] * self.block_size + positions % self.block_size
+        return slots.to(self.device)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.views[0].dtype
+    def _rows(self, run: _Run, slots: torch.Tensor) -> torch.Tensor:
+        slots = slots.to(self.device)
+        token = (slots // self.kernel_block) * self._block_stride + (
+            slots % self.kernel_block
+        ) * self._token_stride
+        return (run.base + token.view(1, 1, -1, 1, 1)).reshape(-1)
 
-    def chunk_shape(self, num_tokens: int) -> tuple[int, int, int]:
-        return (self.num_layers, num_tokens, self.row)
-
-    def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """A new ``[num_layers, len(block_ids) * block_size, row]`` tensor with those blocks."""
-        index = torch.as_tensor(list(block_ids), dtype=torch.long)
-        out = torch.empty(self.chunk_shape(len(index) * self.block_size), dtype=self.dtype)
-        for layer, view in enumerate(self.views):
-            torch.index_select(view, 0, index, out=out[layer].view(len(index), self.block_size, -1))
+    # --- copies ------------------------------------------------------------------------------
+    def gather(self, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens at ``slots`` as a canonical chunk (into ``out`` when given), on the device."""
+        shape = self.format.shape(len(slots))
+        if out is None:
+            out = torch.empty(shape, dtype=self.format.dtype, device=self.device)
+        elif tuple(out.shape) != shape or out.dtype != self.format.dtype or not out.is_contiguous():
+            raise ChunkLayoutError(f"gather needs a contiguous {shape} {self.format.dtype} output")
+        raw = self._raw(_GATHER_RAW)
+        flat = out.view(raw)
+        for run in self._runs:
+            rows = run.rows.view(raw)
+            dst = flat[run.first : run.first + run.count].view(-1, rows.shape[1])
+            torch.index_select(rows, 0, self._rows(run, slots), out=dst)
         return out
 
-    def scatter(self, chunk: torch.Tensor, block_ids: Sequence[int]) -> None:
-        """Copy ``chunk`` (as made by ``gather``) into the given blocks, in order."""
-        expected = self.chunk_shape(len(block_ids) * self.block_size)
-        if tuple(chunk.shape) != expected or chunk.dtype != self.dtype:
+    def scatter(self, chunk: torch.Tensor, slots: torch.Tensor) -> None:
+        """Write a canonical chunk (any device) into the tokens at ``slots``."""
+        expected = self.format.shape(len(slots))
+        if tuple(chunk.shape) != expected or chunk.dtype != self.format.dtype:
             raise ChunkLayoutError(
                 f"stored chunk has shape {tuple(chunk.shape)} and dtype {chunk.dtype}; this "
-                f"vLLM instance needs {expected} and {self.dtype}"
+                f"vLLM instance needs {expected} and {self.format.dtype}"
             )
-        index = torch.as_tensor(list(block_ids), dtype=torch.long)
-        for layer, view in enumerate(self.views):
-            view.index_copy_(0, index, chunk[layer].reshape(len(index), self.block_size, -1))
+        raw = self._raw(_SCATTER_RAW)
+        src = chunk.to(self.device, non_blocking=True).contiguous().view(raw)
+        for run in self._runs:
+            rows = run.rows.view(raw)
+            part = src[run.first : run.first + run.count].view(-1, rows.shape[1])
+            rows.index_copy_(0, self._rows(run, slots), part)
+
+    def _raw(self, candidates: tuple[torch.dtype, ...]) -> torch.dtype:
+        return next(raw for raw in candidates if self._row_bytes % raw.itemsize == 0)
 
 
-def _block_view(name: str, tensor: torch.Tensor, block_size: int, num_blocks: int) -> torch.Tensor:
-    if tensor.shape[0] % num_blocks != 0:
-        raise ConfigError(
-            f"KV cache of layer '{name}' has {tensor.shape[0]} blocks, not a multiple of the "
-            f"scheduler's {num_blocks}; the lmcache connector does not know this layout"
-        )
-    if not tensor.is_contiguous():
-        raise ConfigError(
-            f"KV cache of layer '{name}' is not contiguous (strides {tensor.stride()}); the "
-            "lmcache connector copies whole blocks and needs each layer's blocks contiguous"
-        )
-    per_block = tensor.numel() // num_blocks
-    if per_block % block_size != 0:
-        raise ConfigError(
-            f"KV cache of layer '{name}' holds {per_block} elements per block, not divisible "
-            f"by the block size {block_size}"
-        )
-    return tensor.view(num_blocks, block_size, per_block // block_size)
+def allocate_paged_cache(
+    layout: str,
+    *,
+    num_layers: int,
+    num_blocks: int,
+    heads: int,
+    block_tokens: int,
+    content: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    fill: bool = True,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-layer ``[B, H, N, C]`` views over one allocation in ``layout``'s physical order.
+
+    What vLLM 0.32's ``allocate_kv_cache`` builds, for tests and benchmarks that must run
+    without vLLM (random bits when ``fill``, so every dtype, fp8 included, gets distinct values).
+    """
+    order = LAYOUT_ORDERS[layout]
+    logical = (num_layers, num_blocks, heads, block_tokens, content)
+    physical = tuple(logical[d] for d in order)
+    nbytes = math.prod(physical) * dtype.itemsize
+    if fill:
+        raw = torch.randint(-128, 128, (nbytes,), dtype=torch.int8, generator=generator)
+        raw = raw.to(device)
+    else:
+        raw = torch.zeros(nbytes, dtype=torch.int8, device=device)
+    flat = raw.view(dtype)
+    strides = [0] * 5
+    step = 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= logical[dim]
+    view = flat.as_strided(logical, strides)
+    return {f"model.layers.{i}.self_attn.attn": view[i] for i in range(num_layers)}

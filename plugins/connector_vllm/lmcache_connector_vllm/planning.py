@@ -1,12 +1,15 @@
-"""The scheduler side's bookkeeping: which blocks to load and which to store, per step.
+"""The scheduler side's bookkeeping: which tokens to load and which to store, per step.
 
 Pure Python and independent of vLLM's classes, so its rules are tested directly:
 
-* only whole blocks are ever loaded, and never the prompt's last token (vLLM must compute at
-  least one token to sample from), so a hit is capped at ``(len(prompt) - 1)`` rounded down to
-  a block boundary;
-* blocks vLLM already has (its own prefix cache) are not loaded again;
-* a prompt is stored once, in the step its prefill completes, as its whole blocks.
+* loads are token-granular: a hit of ``k`` cached tokens loads ``min(k, len(prompt) - 1)``
+  tokens (vLLM must compute at least one token to sample from), into partially filled blocks
+  too; tokens vLLM already has (its own prefix cache) are not loaded again;
+* a lookup made for a request *holds* the chunks it found in the worker (see
+  ``CacheEngine.hold``) until the load is done or the request goes away: every hold is either
+  consumed by a load or named in ``StepPlan.releases``;
+* a prompt is stored once, in the step its prefill completes, every token of it (the last,
+  partial chunk included).
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ class LoadSpec:
     req_id: str
     token_ids: list[int]  # the prompt prefix to retrieve by: reaches ``end``, maybe beyond
     block_ids: list[int]  # the request's blocks, from its first token
-    start: int  # block-aligned; tokens before it are in vLLM's own prefix cache
-    end: int  # block-aligned
+    start: int  # tokens before it are in vLLM's own prefix cache
+    end: int
 
 
 @dataclass
 class SaveSpec:
-    """Store ``token_ids`` (whole blocks) from the first ``len(token_ids) / block_size`` blocks."""
+    """Store ``token_ids`` (the whole prompt) from the request's blocks."""
 
     req_id: str
     token_ids: list[int]
@@ -39,6 +42,8 @@ class SaveSpec:
 class StepPlan:
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    #: requests whose held chunks the workers let go without loading them
+    releases: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -70,51 +75,48 @@ class _Tracked:
     saved: bool = False
 
 
+#: ``lookup(req_id, tokens)``: tokens of the longest stored prefix, held for ``req_id``
+HoldingLookup = Callable[[str, list[int]], int]
+
+
 class LoadPlanner:
-    """Turns lookups and the scheduler's decisions into per-step load and save lists."""
+    """Turns lookups and the scheduler's decisions into per-step loads, saves and releases."""
 
     def __init__(
         self,
         block_size: int,
-        chunk_size: int,
-        lookup: Callable[[list[int]], int],
+        lookup: HoldingLookup,
         *,
         save: bool = True,
     ) -> None:
         self.block_size = block_size
-        self.chunk_size = chunk_size
         self._lookup = lookup
         self._save = save
-        # req_id -> (tokens vLLM has itself, prompt length to retrieve by), at the last query
-        self._local: dict[str, tuple[int, int]] = {}
+        # req_id -> tokens vLLM has itself, at the last query (a hold exists in the workers)
+        self._local: dict[str, int] = {}
         self._pending_loads: dict[str, LoadSpec] = {}
+        self._releases: list[str] = []
         self._tracked: dict[str, _Tracked] = {}
 
-    def loadable_limit(self, num_prompt_tokens: int) -> int:
-        """The most tokens a load may cover: all whole blocks before the prompt's last token."""
-        return max(num_prompt_tokens - 1, 0) // self.block_size * self.block_size
+    @staticmethod
+    def loadable_limit(num_prompt_tokens: int) -> int:
+        """The most tokens a load may cover: all but the prompt's last token."""
+        return max(num_prompt_tokens - 1, 0)
 
     def num_new_matched_tokens(
         self, req_id: str, prompt: Sequence[int] | None, num_computed_tokens: int
     ) -> int:
-        """Tokens beyond ``num_computed_tokens`` that can be loaded (whole blocks; 0 on a miss)."""
+        """Tokens beyond ``num_computed_tokens`` that can be loaded (0 on a miss)."""
         if not prompt:
             return 0
         limit = self.loadable_limit(len(prompt))
         if limit <= num_computed_tokens:
+            self._forget_hold(req_id)
             return 0
-        # Chunk hashes depend on where a sequence ends, so ask twice: by the whole prompt (its
-        # stored chunks may run past the last loadable token: load only their head), and by
-        # the prompt cut at the limit (what a store of this same prompt leaves as its tail).
-        tokens = list(prompt)
-        whole = min(self._lookup(tokens), limit) // self.block_size * self.block_size
-        retrieve_len = min(len(tokens), -(-whole // self.chunk_size) * self.chunk_size)
-        if whole < limit:
-            cut = min(self._lookup(tokens[:limit]), limit) // self.block_size * self.block_size
-            if cut > whole:
-                whole, retrieve_len = cut, limit
-        self._local[req_id] = (num_computed_tokens, retrieve_len)
-        return max(whole - num_computed_tokens, 0)
+        # a repeated query replaces the request's hold in the workers
+        hit = min(self._lookup(req_id, list(prompt)), limit)
+        self._local[req_id] = num_computed_tokens
+        return max(hit - num_computed_tokens, 0)
 
     def after_alloc(
         self,
@@ -123,20 +125,22 @@ class LoadPlanner:
         block_ids: Sequence[int],
         num_external_tokens: int,
     ) -> None:
-        """Record the load the scheduler accepted (``num_external_tokens`` > 0)."""
-        local, retrieve_len = self._local.pop(req_id, (0, 0))
+        """Record the load the scheduler accepted (``num_external_tokens`` > 0), or drop it."""
         if num_external_tokens <= 0 or not prompt:
             self._pending_loads.pop(req_id, None)
+            self._forget_hold(req_id)
             return
+        local = self._local.pop(req_id, 0)
         end = local + num_external_tokens
         self._pending_loads[req_id] = LoadSpec(
-            req_id, list(prompt[: max(retrieve_len, end)]), list(block_ids), start=local, end=end
+            req_id, list(prompt), list(block_ids), start=local, end=end
         )
 
     def plan(
         self, new: Sequence[NewRequest], cached: Sequence[CachedRequest]
     ) -> StepPlan:
-        """This step's loads (accepted since the last step) and saves (prefills that complete)."""
+        """This step's loads (accepted since the last step), saves (prefills that complete)
+        and releases (holds no load will use)."""
         plan = StepPlan()
         for req in new:
             if req.prompt is None:
@@ -160,7 +164,10 @@ class LoadPlanner:
                 self._add_load(plan, req.req_id, tracked.block_ids)
             self._maybe_save(plan, req.req_id, tracked, req.num_computed_tokens + req.num_scheduled_tokens)
         # a load accepted for a request that was not scheduled after all must not linger
+        for req_id in self._pending_loads:
+            self._releases.append(req_id)
         self._pending_loads.clear()
+        plan.releases, self._releases = self._releases, []
         return plan
 
     def _add_load(self, plan: StepPlan, req_id: str, block_ids: list[int]) -> None:
@@ -173,18 +180,18 @@ class LoadPlanner:
         if not self._save or tracked.saved or computed < len(tracked.prompt):
             return
         tracked.saved = True  # once per request, even if it is preempted and resumed
-        num_tokens = len(tracked.prompt) // self.block_size * self.block_size
-        if num_tokens == 0:
-            return
-        num_blocks = num_tokens // self.block_size
+        num_blocks = -(-len(tracked.prompt) // self.block_size)
         if len(tracked.block_ids) < num_blocks:  # defensive: never save blocks we do not know
             return
-        plan.saves.append(
-            SaveSpec(req_id, tracked.prompt[:num_tokens], tracked.block_ids[:num_blocks])
-        )
+        plan.saves.append(SaveSpec(req_id, tracked.prompt, tracked.block_ids[:num_blocks]))
+
+    def _forget_hold(self, req_id: str) -> None:
+        if self._local.pop(req_id, None) is not None:
+            self._releases.append(req_id)
 
     def finished(self, req_id: str) -> None:
-        """Forget a finished request."""
+        """Forget a finished request; its hold, if a load never used it, is released."""
         self._tracked.pop(req_id, None)
-        self._pending_loads.pop(req_id, None)
-        self._local.pop(req_id, None)
+        if self._pending_loads.pop(req_id, None) is not None:
+            self._releases.append(req_id)
+        self._forget_hold(req_id)
