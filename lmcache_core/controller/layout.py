@@ -169,8 +169,10 @@ class LayoutTable:
         matched = inst_prefix.tolist()
         names = self._inst_name
         locations = self._i_locations
+        codes = insts.tolist()
         out: dict[str, list[Any]] = {}
-        for i, code in enumerate(insts.tolist()):
+        # longest match first: routers that take the first key of layout_info pick the best
+        for i in sorted(range(len(codes)), key=lambda i: -matched[i]):
             if matched[i] > 0:
-                out[names[code]] = [locations[code][best[i]], matched[i]]
+                out[names[codes[i]]] = [locations[codes[i]][best[i]], matched[i]]
         return out

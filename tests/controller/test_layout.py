@@ -68,7 +68,11 @@ def test_layout_matches_the_rules_on_random_fleets(seed: int) -> None:
     table.drop_holder(holder)
     answer[holder] = np.ones(n_chunks, dtype=bool)
 
-    assert table.layout([(answer, cs)], n_tokens) == reference(fleet, held, n_chunks, n_tokens, cs)
+    got = table.layout([(answer, cs)], n_tokens)
+    assert got == reference(fleet, held, n_chunks, n_tokens, cs)
+    # longest match first (ties in registration order): routers take the first key
+    expected_order = sorted(reference(fleet, held, n_chunks, n_tokens, cs).items(), key=lambda kv: -kv[1][1])
+    assert list(got.items()) == expected_order
     assert table.layout([(answer, cs)], n_tokens, instance_id="inst-0") == reference(
         fleet, held, n_chunks, n_tokens, cs, instance="inst-0"
     )
@@ -94,6 +98,19 @@ def test_layout_ties_go_to_the_fastest_location() -> None:
     both = np.array([True, True, False])
     assert table.layout([({1: both, 0: both}, 4)], 12) == {"a": ["LocalCPUBackend", 8]}
     assert table.layout([({1: both}, 4)], 12) == {"a": ["LocalDiskBackend", 8]}
+
+
+def test_layout_lists_the_longest_match_first() -> None:
+    table = LayoutTable()
+    for pos, name in enumerate(["short", "long", "middle"]):
+        table.set_instance(name, 1, ["LocalCPUBackend"])
+        table.set_holder(pos, name, 0, "m", 0)
+    answer = {
+        0: np.array([True, False, False]),
+        1: np.array([True, True, True]),
+        2: np.array([True, True, False]),
+    }
+    assert list(table.layout([(answer, 4)], 12)) == ["long", "middle", "short"]
 
 
 def test_layout_of_an_empty_grid_credits_nobody() -> None:
