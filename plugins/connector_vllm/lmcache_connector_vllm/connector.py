@@ -28,6 +28,7 @@ copied from the same prefix hash, model, rank and dtype, and its shape is checke
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from lmcache_core.engine import CacheEngine, EngineMetadata, PrefixHold
 from lmcache_core.errors import ConfigError
 from lmcache_core.plugins import get_plugin_manager
 
+from lmcache_connector_vllm.cpu_attn_page import cpu_attention_page
 from lmcache_connector_vllm.holds import HoldTable
 
 from lmcache_connector_vllm.lookup_channel import (
@@ -124,7 +126,11 @@ def paged_kv_for(
 
     model_config = vllm_config.model_config
     groups = list(kv_cache_config.kv_cache_groups) if kv_cache_config is not None else []
-    describe = _describe_backend(vllm_config, kv_cache_config, list(kv_caches))
+    backend, isa = _attention_backend(vllm_config, list(kv_caches))
+    layout = getattr(kv_cache_config, "kv_cache_layout", None) or getattr(
+        vllm_config.cache_config, "kv_cache_layout", None
+    )
+    describe = f"attention backend {backend}, KV cache layout {layout or 'unknown'}"
     if len(groups) > 1:
         raise ConfigError(
             f"the lmcache connector supports one KV cache group; this model has {len(groups)} "
@@ -147,32 +153,50 @@ def paged_kv_for(
             )
         planes, width = 2, head
     try:
+        page = None
+        if backend == "CPU_ATTN" and first is not None and first.dim() == 4 and planes == 2:
+            # its pages are packed by its own writer: measure where each token goes
+            page = cpu_attention_page(
+                block_tokens=int(first.shape[2]), heads=int(first.shape[1]), head_size=width,
+                cache_dtype=first.dtype, compute_dtype=model_config.dtype,
+                kv_cache_dtype=str(vllm_config.cache_config.cache_dtype),
+                isa=isa or _cpu_isa(vllm_config, int(first.shape[2]), width),
+                token_stride=first.stride(2), head_stride=first.stride(1),
+            )
         return PagedKV(
             kv_caches, int(vllm_config.cache_config.block_size), planes=planes, width=width,
-            describe=describe,
+            page=page, describe=describe,
         )
     except KVLayoutError as exc:
         raise ConfigError(str(exc)) from exc
 
 
-def _describe_backend(
-    vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None", layer_names: list[str]
-) -> str:
-    """'attention backend X, KV cache layout Y' for messages (what vLLM says it uses)."""
-    layout = getattr(kv_cache_config, "kv_cache_layout", None) or getattr(
-        vllm_config.cache_config, "kv_cache_layout", None
-    )
-    backend = "unknown"
+def _attention_backend(vllm_config: "VllmConfig", layer_names: list[str]) -> tuple[str, str | None]:
+    """The attention backend's name vLLM picked for these layers, and the CPU backend's ISA."""
     try:
         from vllm.config import get_layers_from_vllm_config
         from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 
         layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, layer_names)
-        if layers:
-            backend = next(iter(layers.values())).get_attn_backend().get_name()
-    except Exception:  # only for the message: never fail start-up over it
-        pass
-    return f"attention backend {backend}, KV cache layout {layout or 'unknown'}"
+    except Exception:  # vLLM without these helpers: fall back on the device
+        layers = {}
+    for layer in layers.values():
+        try:
+            return str(layer.get_attn_backend().get_name()), getattr(layer, "isa", None)
+        except Exception:
+            continue
+    from vllm.platforms import current_platform
+
+    return ("CPU_ATTN" if current_platform.is_cpu() else "unknown"), None
+
+
+def _cpu_isa(vllm_config: "VllmConfig", block_tokens: int, head_size: int) -> str:
+    """The instruction set CPU_ATTN picks for this cache (what its metadata builder sets)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(
+        vllm_config.model_config.dtype, block_tokens, head_size, vllm_config.cache_config.cache_dtype
+    )
 
 
 def _worker_rank() -> int:
@@ -191,7 +215,7 @@ def _worker_rank() -> int:
 
 
 def _settings_for_rank(settings: LMCacheSettings, rank: int, world_size: int) -> LMCacheSettings:
-    """One disk directory per rank: a LocalDiskBackend owns its directory exclusively."""
+    """One disk directory per rank: chunks of different ranks never share a directory."""
     disk = settings.local_disk_path
     if world_size == 1 or disk is None:
         return settings
@@ -332,18 +356,20 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         engine, kv, holds = self._engine, self._kv, self._holds
         loaded_to = spec.start  # tokens [start, loaded_to) are in their blocks
         held: PrefixHold | None = None
+        sources: collections.Counter[str] = collections.Counter()
         try:
             if engine is not None and kv is not None and holds is not None:
                 held = holds.take(spec.req_id)
                 if held is None:  # the hold expired (or another rank's lookup made it): take now
                     held = engine.hold(spec.token_ids)
-                for span, view in held.chunks:
+                for (span, view), location in zip(held.chunks, held.locations):
                     begin, stop = max(span.start, loaded_to), min(span.end, spec.end)
                     if span.start > loaded_to or stop <= begin:
                         continue
                     part = view.tensor.narrow(TOKEN_DIM, begin - span.start, stop - begin)
                     kv.scatter(part, kv.slots(spec.block_ids, begin, stop))
                     loaded_to = stop
+                    sources[location] += 1
                 assert self._stager is not None
                 self._stager.finish_loads()  # the held memory is read before it is let go
         except Exception as exc:  # any failure: recompute, never crash the worker
@@ -363,8 +389,8 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             )
         else:
             log.info(
-                "lmcache: request %s loaded %d tokens (%d..%d)",
-                spec.req_id, spec.end - spec.start, spec.start, spec.end,
+                "lmcache: request %s loaded %d tokens (%d..%d); chunks per location: %s",
+                spec.req_id, spec.end - spec.start, spec.start, spec.end, dict(sources),
             )
 
     def wait_for_layer_load(self, layer_name: str) -> None:

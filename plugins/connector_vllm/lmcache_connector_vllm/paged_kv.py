@@ -85,7 +85,7 @@ class _Run:
     first: int
     count: int
     rows: torch.Tensor  # the whole storage as [rows, bytes of g elements]
-    base: torch.Tensor  # [count, planes, 1, heads, width // g]: row offsets of each element run
+    base: torch.Tensor  # [count]: the row of each layer's first element
 
 
 class PagedKV:
@@ -104,6 +104,7 @@ class PagedKV:
         *,
         planes: int,
         width: int,
+        page: torch.Tensor | None = None,
         describe: str = "",
     ) -> None:
         where = f" ({describe})" if describe else ""
@@ -154,17 +155,24 @@ class PagedKV:
         self.num_kernel_blocks = num_kernel_blocks
         self.device = first.device
         self.format = ChunkFormat(len(tensors), planes, heads, width, first.dtype)
+        if page is None:
+            page = strided_page(kernel_block, heads, planes, width, stride[2], stride[1])
+        elif tuple(page.shape) != (kernel_block, heads, planes, width):
+            raise KVLayoutError(
+                f"page map of shape {tuple(page.shape)} does not match blocks of {kernel_block} "
+                f"tokens x {heads} heads x {planes} x {width}{where}"
+            )
         offsets = [t.storage_offset() for t in tensors]
-        self._g = g = math.gcd(width, *stride[:3], *offsets)
+        self._g = g = math.gcd(_run_length(page, width), stride[0], *offsets)
         self._row_bytes = g * first.dtype.itemsize
-        self._block_stride, self._token_stride = stride[0] // g, stride[2] // g
-        self._runs = self._plan_runs(tensors, offsets, heads, stride[1] // g, width // g)
+        self._block_stride = stride[0] // g
+        # rows of each (token in block, head, plane, run of g elements), in chunk order
+        rows = page.view(kernel_block, heads, planes, width // g, g)[..., 0] // g
+        self._page_rows = rows.permute(2, 0, 1, 3).contiguous().to(self.device)  # [P, N, H, W/g]
+        self._runs = self._plan_runs(tensors, offsets)
 
-    def _plan_runs(
-        self, tensors: list[torch.Tensor], offsets: list[int], heads: int, head_rows: int,
-        width_rows: int,
-    ) -> list[_Run]:
-        g, fmt, device = self._g, self.format, self.device
+    def _plan_runs(self, tensors: list[torch.Tensor], offsets: list[int]) -> list[_Run]:
+        g, device = self._g, self.device
         runs: list[_Run] = []
         start = 0
         for i in range(1, len(tensors) + 1):
@@ -178,16 +186,7 @@ class PagedKV:
                 storage, 0, (storage.nbytes() // self._row_bytes, self._row_bytes)
             )
             layer = torch.tensor([o // g for o in offsets[start:i]], dtype=torch.long)
-            plane = torch.arange(fmt.planes, dtype=torch.long) * (fmt.width // g)
-            head = torch.arange(heads, dtype=torch.long) * head_rows
-            sub = torch.arange(width_rows, dtype=torch.long)
-            base = (
-                layer.view(-1, 1, 1, 1, 1)
-                + plane.view(1, -1, 1, 1, 1)
-                + head.view(1, 1, 1, -1, 1)
-                + sub.view(1, 1, 1, 1, -1)
-            )
-            runs.append(_Run(start, i - start, rows, base.to(device)))
+            runs.append(_Run(start, i - start, rows, layer.to(device)))
             start = i
         return runs
 
@@ -209,11 +208,11 @@ class PagedKV:
         return slots.to(self.device)
 
     def _rows(self, run: _Run, slots: torch.Tensor) -> torch.Tensor:
+        # 2-D broadcasts and index_select: several times cheaper than 5-D ones and fancy indexing
         slots = slots.to(self.device)
-        token = (slots // self.kernel_block) * self._block_stride + (
-            slots % self.kernel_block
-        ) * self._token_stride
-        return (run.base + token.view(1, 1, -1, 1, 1)).reshape(-1)
+        inside = self._page_rows.index_select(1, slots % self.kernel_block)  # [P, n, H, W/g]
+        token = inside + ((slots // self.kernel_block) * self._block_stride).view(1, -1, 1, 1)
+        return (run.base.view(-1, 1) + token.view(1, -1)).view(-1)
 
     # --- copies ------------------------------------------------------------------------------
     def gather(self, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -248,6 +247,30 @@ class PagedKV:
 
     def _raw(self, candidates: tuple[torch.dtype, ...]) -> torch.dtype:
         return next(raw for raw in candidates if self._row_bytes % raw.itemsize == 0)
+
+
+def strided_page(
+    block_tokens: int, heads: int, planes: int, width: int, token_stride: int, head_stride: int
+) -> torch.Tensor:
+    """Element offsets in a block of ``[tokens, heads, planes, width]`` where each token's
+    content is its keys then its values (every backend but those that pack a page their own way)."""
+    n = torch.arange(block_tokens, dtype=torch.long).view(-1, 1, 1, 1) * token_stride
+    h = torch.arange(heads, dtype=torch.long).view(1, -1, 1, 1) * head_stride
+    p = torch.arange(planes, dtype=torch.long).view(1, 1, -1, 1) * width
+    d = torch.arange(width, dtype=torch.long).view(1, 1, 1, -1)
+    return n + h + p + d
+
+
+def _run_length(page: torch.Tensor, width: int) -> int:
+    """The longest run ``g`` (dividing ``width``) of elements that sit together in every page
+    position: element ``d`` of a run at ``offset + d % g``, every run starting at a multiple of g."""
+    for g in sorted((g for g in range(1, width + 1) if width % g == 0), reverse=True):
+        runs = page.reshape(-1, width // g, g)
+        if bool((runs[..., 0] % g == 0).all()) and bool(
+            (runs == runs[..., :1] + torch.arange(g, dtype=page.dtype)).all()
+        ):
+            return g
+    return 1
 
 
 def allocate_paged_cache(

@@ -9,6 +9,7 @@ starting vLLM's processes (those runs are in test_vllm_end_to_end.py).
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,6 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.request import Request
-
-from lmcache_core.errors import ConfigError
 
 from lmcache_connector_vllm.connector import LMCacheConnectorMetadata, LMCacheConnectorV1
 
@@ -125,44 +124,104 @@ def prompt_of(length: int, seed: int = 0) -> list[int]:
     return [rng.randrange(3, 1000) for _ in range(length)]
 
 
-def test_prompt_stored_by_one_request_is_loaded_into_another_requests_blocks(pair: Pair) -> None:
-    prompt = prompt_of(5 * BS + 10)
-    first = request("a", prompt)
-    assert pair.scheduler.get_num_new_matched_tokens(first, 0) == (0, False)
-    pair.scheduler.update_state_after_alloc(first, blocks([0, 1, 2, 3, 4, 5]), 0)
-    meta = schedule_new(pair, first, [0, 1, 2, 3, 4, 5], 0)
-    assert [s.block_ids for s in meta.saves] == [[0, 1, 2, 3, 4]]  # whole blocks only
+def token_kv(pair: Pair, block_ids: list[int], tokens: range) -> torch.Tensor:
+    """The KV of those tokens in every layer, read by slot (where CPU_ATTN's writer puts them)."""
+    kv = pair.worker._kv
+    assert kv is not None
+    return kv.gather(kv.slots(block_ids, tokens.start, tokens.stop))
+
+
+def store_prompt(pair: Pair, req_id: str, prompt: list[int], block_ids: list[int]) -> None:
+    """A request that computes ``prompt`` (a miss) and stores all of it."""
+    req = request(req_id, prompt)
+    assert pair.scheduler.get_num_new_matched_tokens(req, 0) == (0, False)
+    pair.scheduler.update_state_after_alloc(req, blocks(block_ids), 0)
+    meta = schedule_new(pair, req, block_ids, 0)
+    assert [s.token_ids for s in meta.saves] == [prompt]  # every token, the partial block too
     assert run_step(pair) == set()
-    assert pair.scheduler.request_finished(first, [0, 1, 2, 3, 4, 5]) == (False, None)
+    assert pair.worker.flush_saves(10)
+    assert pair.scheduler.request_finished(req, block_ids) == (False, None)
+
+
+def test_prompt_stored_by_one_request_is_loaded_token_by_token_into_another(pair: Pair) -> None:
+    prompt = prompt_of(5 * BS + 10)
+    store_prompt(pair, "a", prompt, [0, 1, 2, 3, 4, 5])
+    engine = pair.worker._engine
+    assert engine is not None and engine.lookup(prompt) == len(prompt)
 
     second = request("b", prompt)
-    assert pair.scheduler.get_num_new_matched_tokens(second, 0) == (5 * BS, False)
+    hit = len(prompt) - 1  # all but the last token, into a partly filled last block
+    assert pair.scheduler.get_num_new_matched_tokens(second, 0) == (hit, False)
     target = [10, 11, 12, 13, 14, 15]
-    pair.scheduler.update_state_after_alloc(second, blocks(target), 5 * BS)
-    meta = schedule_new(pair, second, target, 5 * BS)
-    assert [(ld.start, ld.end) for ld in meta.loads] == [(0, 5 * BS)]
+    pair.scheduler.update_state_after_alloc(second, blocks(target), hit)
+    rest = range(hit, 6 * BS)  # the last token's slot and the rest of its block
+    rest_before = token_kv(pair, target, rest)
+    meta = schedule_new(pair, second, target, hit)
+    assert [(ld.start, ld.end) for ld in meta.loads] == [(0, hit)]
     assert run_step(pair) == set()
-    for kv in pair.kv.values():
-        assert torch.equal(kv[10:15], kv[0:5])
+    assert torch.equal(token_kv(pair, target, range(hit)), token_kv(pair, [0, 1, 2, 3, 4, 5], range(hit)))
+    assert torch.equal(token_kv(pair, target, rest), rest_before)  # the last token is vLLM's
 
 
-def test_chunk_removed_after_the_lookup_fails_its_blocks_and_the_request_is_not_stored(
+def test_a_clear_between_lookup_and_load_fails_nothing(pair: Pair) -> None:
+    prompt = prompt_of(3 * BS + 5, seed=4)
+    store_prompt(pair, "a", prompt, [0, 1, 2, 3])
+    engine = pair.worker._engine
+    assert engine is not None
+    req = request("b", prompt)
+    hit = len(prompt) - 1
+    assert pair.scheduler.get_num_new_matched_tokens(req, 0) == (hit, False)  # holds the chunks
+    cleared = engine.clear()  # what a /clear of every location does in the worker
+    assert cleared >= len(prompt)  # still counted as removed
+    assert engine.lookup(prompt) == 0
+    pair.scheduler.update_state_after_alloc(req, blocks([6, 7, 8, 9]), hit)
+    schedule_new(pair, req, [6, 7, 8, 9], hit)
+    assert run_step(pair) == set()  # loaded from the held chunks
+    assert torch.equal(token_kv(pair, [6, 7, 8, 9], range(hit)), token_kv(pair, [0, 1, 2, 3], range(hit)))
+    assert pair.worker._holds is not None and len(pair.worker._holds) == 0  # gone once loaded
+
+
+def test_holds_of_requests_that_never_load_are_released(pair: Pair) -> None:
+    prompt = prompt_of(2 * BS, seed=5)
+    store_prompt(pair, "a", prompt, [0, 1])
+    holds = pair.worker._holds
+    assert holds is not None
+    waiting = request("w", prompt)
+    assert pair.scheduler.get_num_new_matched_tokens(waiting, 0)[0] > 0
+    assert len(holds) == 1
+    pair.scheduler.get_num_new_matched_tokens(waiting, 0)  # asked again next step: same hold
+    assert len(holds) == 1
+    pair.scheduler.request_finished(waiting, [])  # aborted before it was scheduled
+    meta = schedule_new(pair, request("other", prompt_of(3, seed=9)), [5], 0)
+    assert meta.releases == ["w"]
+    run_step(pair)
+    assert len(holds) == 0
+
+
+def test_a_hold_past_its_deadline_is_released(pair: Pair) -> None:
+    prompt = prompt_of(2 * BS, seed=6)
+    store_prompt(pair, "a", prompt, [0, 1])
+    holds = pair.worker._holds
+    assert holds is not None
+    pair.scheduler.get_num_new_matched_tokens(request("lost", prompt), 0)
+    assert len(holds) == 1
+    assert holds.sweep(now=time.monotonic() + holds.ttl + 1) == 1  # the sweeper's own call
+    assert len(holds) == 0 and holds.expired == 1
+
+
+def test_chunk_removed_after_an_expired_hold_fails_its_blocks_and_the_request_is_not_stored(
     pair: Pair,
 ) -> None:
     prompt = prompt_of(4 * BS + 1, seed=1)
-    first = request("a", prompt)
-    pair.scheduler.get_num_new_matched_tokens(first, 0)
-    pair.scheduler.update_state_after_alloc(first, blocks([0, 1, 2, 3, 4]), 0)
-    schedule_new(pair, first, [0, 1, 2, 3, 4], 0)
-    run_step(pair)
-
+    store_prompt(pair, "a", prompt, [0, 1, 2, 3, 4])
     second = request("b", prompt)
     assert pair.scheduler.get_num_new_matched_tokens(second, 0) == (4 * BS, False)
     pair.scheduler.update_state_after_alloc(second, blocks([8, 9, 10, 11, 12]), 4 * BS)
+    engine, holds = pair.worker._engine, pair.worker._holds
+    assert engine is not None and holds is not None
+    holds.sweep(now=time.monotonic() + holds.ttl + 1)  # the request waited too long
     # the second chunk (blocks 2 and 3 of the prompt) disappears before the worker loads it
-    engine = pair.worker._engine
-    assert engine is not None
-    key = engine.keys.key(engine.hasher.hashes(prompt[: 4 * BS])[1])
+    key = engine.keys.key(engine.hasher.hashes(prompt)[1])
     assert all(backend.remove(key) for backend in engine.backends.values())
     untouched = {name: kv[10:12].clone() for name, kv in pair.kv.items()}
     schedule_new(pair, second, [8, 9, 10, 11, 12], 4 * BS)
@@ -171,7 +230,8 @@ def test_chunk_removed_after_the_lookup_fails_its_blocks_and_the_request_is_not_
         assert torch.equal(kv[8:10], kv[0:2])  # the first chunk did load
         assert torch.equal(kv[10:12], untouched[name])  # nothing half-written
     # blocks 10 and 11 hold no valid KV, so the request's prompt was not stored again
-    assert engine.lookup(prompt[: 4 * BS]) == 2 * BS
+    assert pair.worker.flush_saves(10)
+    assert engine.lookup(prompt) == 2 * BS
 
 
 def test_stored_chunk_of_another_shape_is_never_loaded(pair: Pair) -> None:
@@ -179,7 +239,7 @@ def test_stored_chunk_of_another_shape_is_never_loaded(pair: Pair) -> None:
     engine = pair.worker._engine
     assert engine is not None
     # a chunk under the same key but with one layer fewer (say, another model's files)
-    engine.store(prompt[: 2 * BS], kv=torch.zeros(LAYERS - 1, 2 * BS, 256), token_dim=1)
+    engine.store(prompt, kv=torch.zeros(LAYERS - 1, 2, len(prompt), 128), token_dim=2)
     req = request("c", prompt)
     assert pair.scheduler.get_num_new_matched_tokens(req, 0) == (2 * BS, False)
     pair.scheduler.update_state_after_alloc(req, blocks([5, 6, 7]), 2 * BS)
@@ -190,14 +250,31 @@ def test_stored_chunk_of_another_shape_is_never_loaded(pair: Pair) -> None:
         assert torch.equal(kv[5:7], before[name])
 
 
-def test_chunk_size_that_is_not_a_multiple_of_the_block_size_is_refused(
+def test_a_chunk_size_that_is_not_a_multiple_of_the_block_size_works(
     tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = write_config(tmp_path / "lmcache.yaml", chunk_size=BS + 8)
+    config = write_config(tmp_path / "lmcache.yaml", chunk_size=BS + 8, max_local_cpu_size=0.05)
     monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(config))
     kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[])
-    with pytest.raises(ConfigError, match=f"chunk_size {BS + 8} must be a multiple of vLLM's block size {BS}"):
-        LMCacheConnectorV1(vllm_config(tiny_model), KVConnectorRole.SCHEDULER, kv_cache_config)
+    vc = vllm_config(tiny_model)
+    worker = LMCacheConnectorV1(vc, KVConnectorRole.WORKER, kv_cache_config)
+    scheduler = LMCacheConnectorV1(vc, KVConnectorRole.SCHEDULER, kv_cache_config)
+    kv = {"l0": torch.randn(NUM_BLOCKS, 2, BS, 128, generator=torch.Generator().manual_seed(1))}
+    worker.register_kv_caches(kv)
+    pair = Pair(scheduler, worker, kv)
+    try:
+        prompt = prompt_of(3 * BS + 3, seed=7)
+        store_prompt(pair, "a", prompt, [0, 1, 2, 3])
+        req = request("b", prompt)
+        hit = len(prompt) - 1
+        assert scheduler.get_num_new_matched_tokens(req, 0) == (hit, False)
+        scheduler.update_state_after_alloc(req, blocks([9, 8, 7, 6]), hit)
+        schedule_new(pair, req, [9, 8, 7, 6], hit)
+        assert run_step(pair) == set()
+        assert torch.equal(token_kv(pair, [9, 8, 7, 6], range(hit)), token_kv(pair, [0, 1, 2, 3], range(hit)))
+    finally:
+        scheduler.shutdown()
+        worker.shutdown()
 
 
 @pytest.mark.parametrize(("kv_role", "saves", "loads"), [("kv_producer", True, False), ("kv_consumer", False, True)])
@@ -215,7 +292,7 @@ def test_producer_only_stores_and_consumer_only_loads(
         pair = Pair(scheduler, worker, {})
         prompt = prompt_of(3 * BS, seed=3)
         assert worker._engine is not None
-        worker._engine.store(prompt[: 2 * BS], kv=torch.zeros(1, 2 * BS, 256), token_dim=1)
+        worker._engine.store(prompt[: 2 * BS], kv=torch.zeros(1, 2, 2 * BS, 128), token_dim=2)
         req = request("p", prompt)
         matched, _ = scheduler.get_num_new_matched_tokens(req, 0)
         assert (matched > 0) is loads

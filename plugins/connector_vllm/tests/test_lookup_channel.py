@@ -26,7 +26,7 @@ def sock_path(tmp_path: Path) -> str:
 def prefix_of(stored: list[int]):
     """A lookup that answers how long a prefix of ``stored`` the tokens are."""
 
-    def lookup(tokens: np.ndarray) -> int:
+    def lookup(tokens: np.ndarray, req_id: str) -> int:
         n = 0
         for a, b in zip(tokens.tolist(), stored):
             if a != b:
@@ -55,10 +55,34 @@ def test_client_gets_the_workers_answer_over_the_socket(sock_path: str) -> None:
     assert not os.path.exists(sock_path)
 
 
+def test_the_request_id_travels_with_the_tokens(sock_path: str) -> None:
+    seen: list[tuple[str, list[int]]] = []
+
+    def lookup(tokens: np.ndarray, req_id: str) -> int:
+        seen.append((req_id, tokens.tolist()))
+        return len(tokens)
+
+    server = LookupServer(sock_path, lookup)
+    from lmcache_connector_vllm import lookup_channel
+
+    lookup_channel._LOCAL.pop(sock_path)
+    client = LookupClient(sock_path, timeout=5)
+    try:
+        assert client.lookup([4, 5, 6], "cmpl-é-1") == 3
+        assert client.lookup([7]) == 1
+        assert seen == [("cmpl-é-1", [4, 5, 6]), ("", [7])]
+        with pytest.raises(LookupChannelError, match="too long"):
+            client.lookup([1], "x" * 70000)
+    finally:
+        client.close()
+        server.close()
+    assert not os.path.exists(sock_path)
+
+
 def test_client_in_the_workers_process_skips_the_socket(sock_path: str) -> None:
     calls: list[int] = []
 
-    def lookup(tokens: np.ndarray) -> int:
+    def lookup(tokens: np.ndarray, req_id: str) -> int:
         calls.append(threading.get_ident())
         return len(tokens)
 
@@ -71,7 +95,7 @@ def test_client_in_the_workers_process_skips_the_socket(sock_path: str) -> None:
 
 
 def test_failing_lookup_reaches_the_client_as_an_error_not_a_hang(sock_path: str) -> None:
-    def broken(tokens: np.ndarray) -> int:
+    def broken(tokens: np.ndarray, req_id: str) -> int:
         raise RuntimeError("backend exploded")
 
     server = LookupServer(sock_path, broken)
@@ -104,7 +128,7 @@ def test_client_reconnects_to_a_restarted_worker(sock_path: str) -> None:
 
     client = LookupClient(sock_path, timeout=5)
     for answer in (3, 5):
-        server = LookupServer(sock_path, lambda tokens, answer=answer: answer)
+        server = LookupServer(sock_path, lambda tokens, req_id, answer=answer: answer)
         lookup_channel._LOCAL.pop(sock_path)
         try:
             assert client.lookup([0] * 8) == answer

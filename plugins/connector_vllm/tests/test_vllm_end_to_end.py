@@ -1,14 +1,17 @@
-"""A real vLLM 0.32 on CPU with the connector: hits from CPU and disk, identical outputs,
-recompute after a failed load, and both ways of naming the connector.
+"""A real vLLM 0.32 on CPU with the connector: every prompt token cached, token-granular hits
+from CPU and disk, outputs identical to vLLM without the connector, recompute after a failed
+load, and both ways of naming the connector.
 
-Two vLLM processes serve the whole module (starting vLLM dominates the runtime):
+Three vLLM processes serve the whole module (starting vLLM dominates the runtime):
 
-* instance A names the connector by module path, with vLLM's own prefix cache off; it serves
-  prompt 1 (1,100 tokens) twice and prompt 2 (1,024 tokens, a whole number of blocks and chunks)
-  twice, each the second time from lmcache's CPU tier;
-* then the test corrupts the data of prompt 2's last chunk file on disk;
+* a baseline without the connector serves every prompt once;
+* instance A names the connector by module path, keeps vLLM's default
+  ``kv_load_failure_policy`` and its own prefix cache off; it serves each prompt twice, the
+  second time loading all but its last token from lmcache's CPU tier;
+* then the test corrupts the data of the 1,024-token prompt's last chunk file on disk;
 * instance B, a new process sharing A's disk directory, names the connector by the plugin's
-  registered name and serves prompt 1 (from disk) and prompt 2 (whose last chunk fails to load).
+  registered name and serves the 1,100-token prompt (from disk) and the 1,024-token one (whose
+  last chunk fails to load and is recomputed).
 """
 
 from __future__ import annotations
@@ -23,21 +26,32 @@ from lmcache_core.keys import TokenHasher
 from vllm_helpers import VllmRun, make_prompt, run_vllm, write_config
 
 CHUNK = 256
-#: the longest hits with 128-token blocks (whole blocks before the last token) for prompts of
-#: 1,100 tokens and of 1,024 tokens (whose last block holds the last token)
-HIT = 1024
-HIT_ALIGNED = 896
+#: around vLLM's CPU block (128 tokens) and our chunk (256 tokens), and longer than both
+LENGTHS = [1, 12, 127, 128, 129, 255, 256, 257, 1100]
+ALIGNED = 1024  # whole blocks and whole chunks
+MAX_TOKENS = 8
+
+
+def prompts() -> dict[int, list[int]]:
+    return {n: make_prompt(n, length=n) for n in [*LENGTHS, ALIGNED]}
 
 
 @dataclass
-class TwoInstances:
+class Runs:
+    baseline: VllmRun
     a: VllmRun
     b: VllmRun
-    corrupted_chunk: str
+
+    def a_pair(self, n: int) -> tuple[dict, dict]:
+        i = [*LENGTHS, ALIGNED].index(n)
+        return self.a.outputs[2 * i], self.a.outputs[2 * i + 1]
+
+    def baseline_of(self, n: int) -> dict:
+        return self.baseline.outputs[[*LENGTHS, ALIGNED].index(n)]
 
 
 @pytest.fixture(scope="module")
-def two_instances(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> TwoInstances:
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Runs:
     work = tmp_path_factory.mktemp("e2e")
     disk = work / "disk"
     config = write_config(
@@ -49,26 +63,25 @@ def two_instances(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) ->
         max_local_disk_size=1.0,
         lmcache_instance_id="e2e",
     )
-    p1, p2 = make_prompt(1), make_prompt(2, length=1024)
+    by_length = prompts()
+    step = lambda p: {"prompt": p, "max_tokens": MAX_TOKENS}  # noqa: E731
+    base = {"model": str(tiny_model), "enable_prefix_caching": False}
+    baseline = run_vllm(
+        {**base, "connector": None, "steps": [step(p) for p in by_length.values()]},
+        work, config, "baseline",
+    )
     a = run_vllm(
         {
-            "model": str(tiny_model),
+            **base,
             "connector": "module_path",
-            "enable_prefix_caching": False,
-            "steps": [
-                {"prompt": p1, "max_tokens": 16},
-                {"prompt": p1, "max_tokens": 16},
-                {"prompt": p2, "max_tokens": 16},
-                {"prompt": p2, "max_tokens": 16},
-            ],
+            "load_failure_policy": None,  # vLLM's default ("fail")
+            "steps": [step(p) for p in by_length.values() for _ in range(2)],
         },
-        work,
-        config,
-        "a",
+        work, config, "a",
     )
-    # flip bytes in the data (not the header) of prompt 2's last stored chunk
-    last_hash = TokenHasher(CHUNK).hashes(p2)[-1]
-    (victim,) = [f for f in disk.iterdir() if f"{last_hash:016x}" in f.name]
+    # flip bytes in the data (not the header) of the aligned prompt's last stored chunk
+    last_hash = TokenHasher(CHUNK).hashes(by_length[ALIGNED])[-1]
+    (victim,) = [f for f in disk.rglob("*.kvchunk") if f"{last_hash:016x}" in f.name]
     size = victim.stat().st_size
     with victim.open("r+b") as f:
         f.seek(size - 64)
@@ -77,81 +90,69 @@ def two_instances(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) ->
         f.write(bytes(b ^ 0xFF for b in data))
     b = run_vllm(
         {
-            "model": str(tiny_model),
+            **base,
             "connector": "plugin",
             "enable_prefix_caching": True,
-            "steps": [{"prompt": p1, "max_tokens": 16}, {"prompt": p2, "max_tokens": 16}],
+            "steps": [step(by_length[1100]), step(by_length[ALIGNED])],
         },
-        work,
-        config,
-        "b",
+        work, config, "b",
     )
-    return TwoInstances(a, b, victim.name)
+    return Runs(baseline, a, b)
 
 
-def test_outputs_depend_on_the_prompt(two_instances: TwoInstances) -> None:
+def test_outputs_depend_on_the_prompt(runs: Runs) -> None:
     """Sanity for every equality below: the tiny model's greedy output follows its context."""
-    a = two_instances.a.outputs
-    assert a[0]["token_ids"] != a[2]["token_ids"]
-    assert len(set(a[0]["token_ids"])) > 4
+    outputs = [runs.baseline_of(n)["token_ids"] for n in LENGTHS]
+    assert len({tuple(o) for o in outputs}) == len(outputs)
+    assert len(set(runs.baseline_of(1100)["token_ids"])) > 3
 
 
-def test_repeated_prompt_is_loaded_from_cpu_with_identical_output(
-    two_instances: TwoInstances,
+@pytest.mark.parametrize("n", LENGTHS + [ALIGNED])
+def test_repeated_prompt_loads_all_but_its_last_token_with_the_output_of_vllm_alone(
+    runs: Runs, n: int
 ) -> None:
-    first, second = two_instances.a.outputs[:2]
+    first, second = runs.a_pair(n)
     assert first["num_cached_tokens"] == 0
-    assert second["num_cached_tokens"] == HIT  # vLLM's prefix cache is off: all external
-    assert second["token_ids"] == first["token_ids"]
-    assert f"loaded {HIT} tokens (0..{HIT}); chunk hits per location: {{'LocalCPUBackend': 4}}" in (
-        two_instances.a.log
-    )
+    assert second["num_cached_tokens"] == n - 1  # vLLM's prefix cache is off: all from lmcache
+    expected = runs.baseline_of(n)["token_ids"]
+    assert first["token_ids"] == expected
+    assert second["token_ids"] == expected
 
 
-def test_block_aligned_prompt_loads_all_but_its_last_block_with_identical_output(
-    two_instances: TwoInstances,
-) -> None:
-    """Its 4 stored chunks are all full; the load takes 3.5 of them and vLLM computes 1 block."""
-    first, second = two_instances.a.outputs[2:4]
-    assert first["num_cached_tokens"] == 0
-    assert second["num_cached_tokens"] == HIT_ALIGNED
-    assert second["token_ids"] == first["token_ids"]
-    assert (
-        f"loaded {HIT_ALIGNED} tokens (0..{HIT_ALIGNED}); "
-        "chunk hits per location: {'LocalCPUBackend': 4}"
-    ) in two_instances.a.log
+def test_each_repeat_was_loaded_from_the_cpu_tier_token_by_token(runs: Runs) -> None:
+    for n in LENGTHS + [ALIGNED]:
+        if n == 1:
+            continue
+        chunks = -(-n // CHUNK)
+        assert (
+            f"loaded {n - 1} tokens (0..{n - 1}); chunks per location: {{'LocalCPUBackend': {chunks}}}"
+        ) in runs.a.log, n
+    assert "lmcache load for request" not in runs.a.log  # no load failed
+    assert "KV load failure" not in runs.a.log
 
 
-def test_new_instance_sharing_the_disk_loads_the_prompt_with_identical_output(
-    two_instances: TwoInstances,
-) -> None:
-    served_by_a = two_instances.a.outputs[0]
-    from_disk = two_instances.b.outputs[0]
-    assert from_disk["num_cached_tokens"] == HIT
-    assert from_disk["token_ids"] == served_by_a["token_ids"]
-    assert "chunk hits per location: {'LocalDiskBackend': 4}" in two_instances.b.log
+def test_new_instance_sharing_the_disk_loads_the_prompt_with_identical_output(runs: Runs) -> None:
+    from_disk = runs.b.outputs[0]
+    assert from_disk["num_cached_tokens"] == 1099
+    assert from_disk["token_ids"] == runs.baseline_of(1100)["token_ids"]
+    assert "loaded 1099 tokens (0..1099); chunks per location: {'LocalDiskBackend': 5}" in runs.b.log
 
 
-def test_failed_chunk_load_is_recomputed_with_identical_output(
-    two_instances: TwoInstances,
-) -> None:
-    served_by_a = two_instances.a.outputs[2]
-    recovered = two_instances.b.outputs[1]
-    assert recovered["token_ids"] == served_by_a["token_ids"]
-    log = two_instances.b.log
-    assert f"loaded {3 * CHUNK} of {HIT_ALIGNED} tokens; vLLM recomputes 1 block(s)" in log
+def test_failed_chunk_load_is_recomputed_with_identical_output(runs: Runs) -> None:
+    recovered = runs.b.outputs[1]
+    assert recovered["token_ids"] == runs.baseline_of(ALIGNED)["token_ids"]
+    log = runs.b.log
+    assert f"loaded {3 * CHUNK} of {ALIGNED - 1} tokens; vLLM recomputes 2 block(s)" in log
     assert "Recovered from KV load failure" in log
     assert "data checksum mismatch" in log
 
 
-def test_connector_loads_by_module_path_and_by_registered_name(
-    two_instances: TwoInstances,
-) -> None:
-    assert "kv_connector='LMCacheConnectorV1'" in two_instances.a.log
-    assert "kv_connector_module_path='lmcache_connector_vllm.connector'" in two_instances.a.log
-    assert "kv_connector='LMCacheCoreConnectorV1'" in two_instances.b.log
-    assert "kv_connector_module_path=None" in two_instances.b.log
-    for run in (two_instances.a, two_instances.b):
+def test_connector_loads_by_module_path_and_by_registered_name(runs: Runs) -> None:
+    assert "kv_connector='LMCacheConnectorV1'" in runs.a.log
+    assert "kv_connector_module_path='lmcache_connector_vllm.connector'" in runs.a.log
+    assert "kv_connector='LMCacheCoreConnectorV1'" in runs.b.log
+    assert "kv_connector_module_path=None" in runs.b.log
+    for run in (runs.a, runs.b):
         assert "lmcache connector worker 0: locations ['LocalCPUBackend', 'LocalDiskBackend']" in run.log
 
 
@@ -173,6 +174,6 @@ def test_scheduler_and_worker_in_one_process_find_hits_without_a_second_process(
         extra_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
     first, second = run.outputs
-    assert second["num_cached_tokens"] == HIT
+    assert second["num_cached_tokens"] == len(prompt) - 1
     assert second["token_ids"] == first["token_ids"]
     assert "(EngineCore" not in run.log and "(Worker" not in run.log  # one process did it all

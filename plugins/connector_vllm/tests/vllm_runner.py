@@ -6,6 +6,7 @@ with it. Usage: ``python vllm_runner.py JOB.json``. The job::
 
     {"model": "/tmp/x/model", "result_file": "/tmp/x/out.json",
      "connector": "module_path" | "plugin" | null,     # how to name our connector
+     "load_failure_policy": "recompute" | "fail" | null,  # null: vLLM's default
      "enable_prefix_caching": false, "dtype": "float32",
      "steps": [{"prompt": [1, 2, ...], "max_tokens": 8},
                {"wait_for_file": "/tmp/x/go", "timeout": 60},  # let the test act in between
@@ -42,11 +43,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     connector = job.get("connector")
     if connector == "module_path":
-        kwargs["kv_transfer_config"] = MODULE_PATH_CONFIG
+        kwargs["kv_transfer_config"] = dict(MODULE_PATH_CONFIG)
     elif connector == "plugin":
-        kwargs["kv_transfer_config"] = PLUGIN_CONFIG
+        kwargs["kv_transfer_config"] = dict(PLUGIN_CONFIG)
     elif connector is not None:
         raise ValueError(f"unknown connector mode {connector!r}")
+    policy = job.get("load_failure_policy", "recompute")
+    if connector is not None and policy is None:  # vLLM's default
+        del kwargs["kv_transfer_config"]["kv_load_failure_policy"]
+    elif connector is not None:
+        kwargs["kv_transfer_config"]["kv_load_failure_policy"] = policy
     llm = LLM(
         model=job["model"],
         load_format=job.get("load_format", "auto"),
