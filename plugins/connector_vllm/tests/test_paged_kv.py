@@ -259,3 +259,75 @@ def test_the_torch_only_allocator_matches_vllms() -> None:
         theirs = vllm_cache(case, torch.bfloat16, "cpu", num_blocks=6, seed=0, fill=False)
         for a, b in zip(ours.values(), theirs.values()):
             assert (a.shape, a.stride(), a.storage_offset()) == (b.shape, b.stride(), b.storage_offset())
+
+
+CPU_DTYPES = [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.float16, "auto"), (torch.bfloat16, "fp8")]
+
+
+def cpu_attn_cache(
+    dtype: torch.dtype, kv_cache_dtype: str, block: int, num_blocks: int
+) -> tuple[dict[str, torch.Tensor], PagedKV, str]:
+    """CPU_ATTN's caches as vLLM allocates them, and a translator over its measured pages."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from lmcache_connector_vllm.cpu_attn_page import cpu_attention_page
+
+    cache_dtype = torch.uint8 if kv_cache_dtype == "fp8" else dtype
+    case = Case("CPU_ATTN", KVCacheLayout.LBHNC, block)
+    caches = vllm_cache(case, cache_dtype, "cpu", num_blocks, seed=0, fill=False)
+    isa = _get_attn_isa(dtype, block, HEAD, kv_cache_dtype)
+    first = next(iter(caches.values()))
+    page = cpu_attention_page(
+        block_tokens=block, heads=HEADS, head_size=HEAD, cache_dtype=cache_dtype,
+        compute_dtype=dtype, kv_cache_dtype=kv_cache_dtype, isa=isa,
+        token_stride=first.stride(2), head_stride=first.stride(1),
+    )
+    return caches, PagedKV(caches, block, planes=2, width=HEAD, page=page), isa
+
+
+def cpu_attn_write(caches: dict[str, torch.Tensor], slots: torch.Tensor, keys: torch.Tensor,
+                   values: torch.Tensor, isa: str, kv_cache_dtype: str) -> None:
+    """What CPU_ATTN does in a forward pass: its own writer puts each token's K and V in place."""
+    from vllm import _custom_ops as ops
+
+    for layer, cache in enumerate(caches.values()):
+        blocks, heads, block, _ = cache.shape
+        key_cache, value_cache = cache.view(blocks, heads, 2 * block, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(
+            keys[layer], values[layer], key_cache, value_cache, slots, isa, 1.0, 1.0, kv_cache_dtype
+        )
+
+
+@pytest.mark.parametrize(("dtype", "kv_cache_dtype"), CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("block", [32, 128])
+def test_cpu_attention_pages_give_back_exactly_the_tokens_its_writer_stored(
+    dtype: torch.dtype, kv_cache_dtype: str, block: int
+) -> None:
+    caches, kv, isa = cpu_attn_cache(dtype, kv_cache_dtype, block, num_blocks=8)
+    gen = torch.Generator().manual_seed(block)
+    n = 2 * block + 7
+    keys = torch.randn(LAYERS, n, HEADS, HEAD, generator=gen).to(dtype)
+    values = torch.randn(LAYERS, n, HEADS, HEAD, generator=gen).to(dtype)
+    slots = kv.slots([5, 2, 6], 0, n)
+    cpu_attn_write(caches, slots, keys, values, isa, kv_cache_dtype)
+    chunk = kv.gather(slots)  # [layers, 2, n, heads * head]
+    got = chunk.view(LAYERS, 2, n, HEADS, HEAD)
+    if kv_cache_dtype == "fp8":  # the writer rounds to fp8 itself: compare within fp8's precision
+        decoded = got.view(torch.float8_e4m3fn).float()
+        assert torch.allclose(decoded[:, 0], keys.float(), rtol=0.13, atol=0.02)
+        assert torch.allclose(decoded[:, 1], values.float(), rtol=0.13, atol=0.02)
+    else:
+        assert torch.equal(got[:, 0], keys) and torch.equal(got[:, 1], values)
+    # and from CPU_ATTN to a GPU layout (FlashAttention's NHD) and back, tokens mid-block
+    other = CASES[2]
+    gpu_caches = vllm_cache(other, chunk.dtype, "cpu", num_blocks=24, seed=0, fill=False)
+    gpu = translator(other, gpu_caches)
+    gpu_slots = gpu.slots(list(range(23, 0, -1)), 11, 11 + n)
+    gpu.scatter(chunk, gpu_slots)
+    assert torch.equal(bits(gpu.gather(gpu_slots)), bits(chunk))
+    back_block = 32 if block == 128 else 128
+    needed = -(-(5 + n) // back_block)
+    back, kv_back, _ = cpu_attn_cache(dtype, kv_cache_dtype, back_block, num_blocks=needed + 1)
+    back_slots = kv_back.slots(list(range(needed, 0, -1)), 5, 5 + n)
+    kv_back.scatter(gpu.gather(gpu_slots), back_slots)
+    assert torch.equal(bits(kv_back.gather(back_slots)), bits(chunk))
