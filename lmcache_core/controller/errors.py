@@ -88,12 +88,14 @@ def http_status(exc: LMCacheError) -> int:
 
 #: validation errors an answer lists at most (a body can hold a million bad items)
 MAX_ERRORS = 5
-#: longest text an error answer repeats (a message, a field name taken from the body)
+#: longest message an error answer carries
 MAX_TEXT = 200
+#: longest field name an error answer repeats (an unknown one comes from the body)
+MAX_FIELD = 64
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3] + "..."
+def _short(text: str, limit: int = MAX_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def short_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -102,7 +104,7 @@ def short_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
             "type": _short(str(error.get("type", "invalid"))),
-            "loc": [p if type(p) is int else _short(str(p)) for p in islice(error.get("loc", ()), 16)],
+            "loc": [p if type(p) is int else _short(str(p), MAX_FIELD) for p in islice(error.get("loc", ()), 16)],
             "msg": _short(str(error.get("msg", ""))),
         }
         for error in islice(errors, MAX_ERRORS)
