@@ -276,6 +276,34 @@ def test_a_body_slower_than_the_request_timeout_gets_a_408_while_the_worker_stay
     assert time.monotonic() - started > HEARTBEAT_TIMEOUT
 
 
+def _closed_after(sock: socket.socket, trickle: Iterator[bytes] = iter(())) -> float:
+    """Seconds until the server closes ``sock``, sending ``trickle`` one piece every 50 ms."""
+    started = time.monotonic()
+    sock.settimeout(0.05)
+    try:
+        while True:
+            try:
+                if not sock.recv(65536):
+                    return time.monotonic() - started
+            except socket.timeout:
+                sock.sendall(next(trickle, b""))  # a slow client's pace: the recv timeout
+    finally:
+        sock.close()
+
+
+def test_a_connection_that_sends_nothing_or_its_head_too_slowly_is_closed(live: LiveController) -> None:
+    idle = socket.create_connection(("127.0.0.1", live.port))
+    assert REQUEST_TIMEOUT <= _closed_after(idle) < REQUEST_TIMEOUT + 10
+    slow = socket.create_connection(("127.0.0.1", live.port))
+    slow.sendall(b"POST /lookup HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+    assert REQUEST_TIMEOUT <= _closed_after(slow, iter([b"a"] * 10_000)) < REQUEST_TIMEOUT + 10
+
+
+def test_a_request_head_over_64_kib_is_refused(live: LiveController) -> None:
+    response = live.client.get("/instances", headers={"x-big": "a" * 70_000})
+    assert response.status_code == 400 and len(response.content) <= SHORT and b"aaaa" not in response.content
+
+
 def test_a_million_token_lookup_is_answered_while_heartbeats_go_on(live: LiveController) -> None:
     tokens = PROMPT + list(range(100_000, 100_000 + 1_048_576 - len(PROMPT)))
     body = json.dumps({"tokens": tokens}).encode()
