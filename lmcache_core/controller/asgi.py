@@ -1,5 +1,5 @@
 """Raw ASGI pieces shared by the API guard and the ``/lookup`` fast path: reading a request body
-within bounds, replaying it to the application, and sending a JSON answer.
+within bounds, replaying it to the application, sending a JSON answer, refusing a websocket.
 
 ``read_body`` is what keeps a hostile body from hurting the controller: one declared larger than
 the limit (``Content-Length``) is refused before a byte of it is read, one streamed without a
@@ -19,7 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from lmcache_core.controller.errors import RequestBodyTimeoutError, RequestTooLargeError
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
+_JSON_TYPE = (b"content-type", b"application/json")
 #: the header a refusal adds: the unread rest of the body must not keep the connection busy
 CLOSE = (b"connection", b"close")
 
@@ -78,18 +78,18 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
+def _json(body: bytes | dict[str, Any]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """``body`` encoded (unless it is already) and its content headers."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return data, [_JSON_TYPE, (b"content-length", str(len(data)).encode())]
+
+
 async def send_json(
     send: Send, status: int, body: bytes | dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
     """One complete JSON response (``body`` already encoded, or a dict to encode)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*JSON_HEADERS, (b"content-length", str(len(data)).encode()), *headers],
-        }
-    )
+    data, content = _json(body)
+    await send({"type": "http.response.start", "status": status, "headers": [*content, *headers]})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -97,14 +97,8 @@ async def deny_websocket(scope: Scope, send: Send, status: int, body: dict[str, 
     """Refuse a websocket handshake: with an HTTP answer where the server can send one, else
     a close before accepting (which servers answer with 403)."""
     if "websocket.http.response" in scope.get("extensions", {}):
-        data = json.dumps(body).encode()
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": status,
-                "headers": [*JSON_HEADERS, (b"content-length", str(len(data)).encode())],
-            }
-        )
+        data, content = _json(body)
+        await send({"type": "websocket.http.response.start", "status": status, "headers": content})
         await send({"type": "websocket.http.response.body", "body": data})
     else:
         await send({"type": "websocket.close", "code": 1008})

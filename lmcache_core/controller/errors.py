@@ -20,6 +20,13 @@ from lmcache_core.errors import (
 
 log = logging.getLogger(__name__)
 
+#: validation errors an answer lists at most (a body can hold a million bad items)
+MAX_ERRORS = 5
+#: longest message an error answer carries
+MAX_TEXT = 200
+#: longest field name an error answer repeats (an unknown one comes from the body)
+MAX_FIELD = 64
+
 
 class UnknownInstanceError(LMCacheError, KeyError):
     """An instance id no registered worker belongs to."""
@@ -84,14 +91,6 @@ def http_status(exc: LMCacheError) -> int:
     if isinstance(exc, (BadWorkerReplyError, TransportError)):
         return 502
     return 500
-
-
-#: validation errors an answer lists at most (a body can hold a million bad items)
-MAX_ERRORS = 5
-#: longest message an error answer carries
-MAX_TEXT = 200
-#: longest field name an error answer repeats (an unknown one comes from the body)
-MAX_FIELD = 64
 
 
 def _short(text: str, limit: int = MAX_TEXT) -> str:

@@ -1,6 +1,8 @@
 """The controller's state: registered workers, the KV index they feed, and the commands it sends.
 
-Everything here runs on one event loop; handlers never hold a lock across an ``await``.
+Everything here runs on one event loop; handlers never hold a lock across an ``await``. The one
+exception is ``hash_lookup`` given a snapshot of hashers: it reads no shared state, so a big
+lookup hashes in a worker thread.
 Workers speak the protocol of ``lmcache_core.wire``:
 
 * ``register`` (request): a worker's identity, hashing and locations; a new ``epoch`` (the worker

@@ -22,7 +22,7 @@ import pytest
 
 from lmcache_core.testing import running_nats_server
 
-from .support import HEARTBEAT_TIMEOUT, PROMPT, Instance, read_json_line, wait_for
+from .support import HEARTBEAT_TIMEOUT, PROMPT, Instance, read_json_line, stop_process, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -95,13 +95,7 @@ class LiveController:
     def close(self) -> None:
         self.client.close()
         self.instance.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc.stdout.close()
+        stop_process(self.proc, 30)
         self.stderr.close()
         self._nats.__exit__(None, None, None)
 
@@ -276,9 +270,12 @@ def test_a_body_slower_than_the_request_timeout_gets_a_408_while_the_worker_stay
     assert time.monotonic() - started > HEARTBEAT_TIMEOUT
 
 
-def _closed_after(sock: socket.socket, trickle: Iterator[bytes] = iter(())) -> float:
-    """Seconds until the server closes ``sock``, sending ``trickle`` one piece every 50 ms."""
+def _closed_after(port: int, head: bytes = b"", trickle: Iterator[bytes] = iter(())) -> float:
+    """Seconds from connecting to ``port`` until the server closes the connection, sending
+    ``head`` at once and then ``trickle`` one piece every 50 ms."""
     started = time.monotonic()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(head)
     sock.settimeout(0.05)
     try:
         while True:
@@ -292,11 +289,9 @@ def _closed_after(sock: socket.socket, trickle: Iterator[bytes] = iter(())) -> f
 
 
 def test_a_connection_that_sends_nothing_or_its_head_too_slowly_is_closed(live: LiveController) -> None:
-    idle = socket.create_connection(("127.0.0.1", live.port))
-    assert REQUEST_TIMEOUT <= _closed_after(idle) < REQUEST_TIMEOUT + 10
-    slow = socket.create_connection(("127.0.0.1", live.port))
-    slow.sendall(b"POST /lookup HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
-    assert REQUEST_TIMEOUT <= _closed_after(slow, iter([b"a"] * 10_000)) < REQUEST_TIMEOUT + 10
+    assert REQUEST_TIMEOUT <= _closed_after(live.port) < REQUEST_TIMEOUT + 10
+    head = b"POST /lookup HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+    assert REQUEST_TIMEOUT <= _closed_after(live.port, head, iter([b"a"] * 10_000)) < REQUEST_TIMEOUT + 10
 
 
 def test_a_request_head_over_64_kib_is_refused(live: LiveController) -> None:
