@@ -69,7 +69,8 @@ OFF_LOOP_THREADS = 2
 
 def parse_lookup(raw: bytes) -> LookupQuery:
     """A ``/lookup`` body read at C speed: orjson, then one ``struct.pack`` range-checking every
-    token id; ``RequestValidationError`` naming the first problems of anything else.
+    token id (pydantic validating 8k ids would cost about half a lookup);
+    ``RequestValidationError`` naming the first problems of anything else.
 
     Token ids are JSON integers in [0, 2^32): ``struct`` refuses floats, strings, nulls,
     negative and larger ids; booleans (which it takes for 0 and 1) are looked for only when
