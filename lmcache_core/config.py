@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
@@ -21,11 +22,14 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from lmcache_core.errors import ConfigError, PluginError
+from lmcache_core.wire import check_instance_id
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 ENV_PREFIX = "LMCACHE_"
+#: what an HTTP bearer token may contain
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 GIB = 1024**3
 
 #: Keys of LMCache's own configuration that lmcache-core has no use for (remote stores,
@@ -185,13 +189,41 @@ class LMCacheSettings(BaseSettings):
         5.0, gt=0, description="Seconds the controller waits for a worker to answer a command."
     )
     controller_api_token: str | None = Field(
-        None, description="When set, every controller endpoint requires 'Authorization: Bearer <token>'."
+        None,
+        description="When set, every controller endpoint requires 'Authorization: Bearer <token>' "
+        "(visible ASCII, no spaces; unset: no token).",
+        json_schema_extra={"secret": True},
     )
     controller_max_lookup_tokens: int = Field(
         1_048_576, gt=0, description="Longest token list /lookup accepts (longer gets HTTP 413)."
     )
+    controller_max_request_bytes: int = Field(
+        16 * 1024 * 1024,
+        gt=0,
+        description="Largest /lookup body accepted, checked before reading it (larger gets HTTP 413); "
+        "other endpoints take 64 KiB.",
+    )
+    controller_request_timeout: float = Field(
+        30.0, gt=0, description="Seconds a client has to send a request body (slower gets HTTP 408)."
+    )
 
     _file_values: ClassVar[dict[str, Any]] = {}
+
+    @field_validator("lmcache_instance_id")
+    @classmethod
+    def _check_instance_id(cls, value: str) -> str:
+        return check_instance_id(value)
+
+    @field_validator("controller_api_token")
+    @classmethod
+    def _check_api_token(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("an empty token would turn authentication off; leave the key unset to run without one")
+        if not _TOKEN_CHARS.fullmatch(value):
+            raise ValueError("a bearer token is visible ASCII characters without spaces")
+        return value
 
     @field_validator("local_disk")
     @classmethod
@@ -368,8 +400,11 @@ def _explain(exc: ValidationError, cls: type[LMCacheSettings], path: Path | None
         else:
             field = cls.model_fields.get(top)
             expected = field.description if field is not None and field.description else ""
+            extra = field.json_schema_extra if field is not None else None
+            secret = isinstance(extra, dict) and extra.get("secret")  # never echo a token
+            got = "a hidden value" if secret else repr(err.get("input"))
             lines.append(
-                f"bad value for config key '{key}'{where}: got {err.get('input')!r}: {err['msg']}"
+                f"bad value for config key '{key}'{where}: got {got}: {err['msg']}"
                 + (f" (expected: {expected})" if expected else "")
             )
     return "; ".join(lines)

@@ -4,7 +4,8 @@ Every message is a pydantic model serialized as JSON (binary arrays as base64). 
 relative to the transport's prefix (``lmcache`` by default). ``PROTOCOL_VERSION`` is carried by
 every message; a receiver rejects a major version it does not know, naming both.
 
-Topics (``<inst>`` and ``<w>`` are ``topic_token(instance_id)`` and the worker rank):
+Topics (``<inst>`` and ``<w>`` are ``topic_token(instance_id)`` and the worker rank; an instance
+id must encode to at most ``MAX_TOPIC_TOKEN`` bytes, see ``check_instance_id``):
 
 =================================  =========  =================================================
 ``register``                       request    worker -> controller: ``WorkerRegistration`` ->
@@ -24,6 +25,10 @@ Ordering and loss: ``EventBatch.seq`` counts a worker's batches per location fro
 location's whole inventory as batches whose first has ``reset=True``, continuing the same seq
 numbering, so the receiver converges to what the worker holds. Applying an admit twice or
 evicting an absent chunk is harmless by design, so replays converge.
+
+Versions: 2 escapes instance ids in topics byte by byte (``a.b`` -> ``a%2Eb``), so distinct ids
+never share a topic; 1 hex-encoded a whole id that was not plain, so ``a.b`` and a literal
+``x612e62`` shared one.
 """
 
 from __future__ import annotations
@@ -32,18 +37,48 @@ import re
 from typing import Annotated, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
-_SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
+#: characters a topic token keeps as they are; every other byte is escaped as ``%XX``
+_PLAIN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_PLAIN_TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
+#: longest topic token an instance id may encode to: the topics around it (prefix, kind, rank,
+#: a reply inbox) stay far below the NATS control-line limit (4 KiB)
+MAX_TOPIC_TOKEN = 200
 
 
 def topic_token(text: str) -> str:
-    """A single, wildcard-free topic token for ``text`` (ids with dots or spaces are hex-encoded)."""
-    if _SAFE_TOKEN.match(text):
+    """A single, wildcard-free topic token for ``text``; distinct texts get distinct tokens.
+
+    Plain ids (letters, digits, ``_``, ``-``) stay as they are; any other byte of the UTF-8
+    encoding, ``%`` included, becomes ``%XX`` (upper-case hex): ``a.b`` -> ``a%2Eb``, while
+    ``x612e62`` and ``a%2Eb`` (-> ``a%252Eb``) keep their own. The empty id is ``%``, which no
+    other id encodes to.
+    """
+    if _PLAIN_TOKEN.fullmatch(text):
         return text
-    return "x" + text.encode("utf-8").hex()
+    if not text:
+        return "%"
+    return "".join(chr(b) if chr(b) in _PLAIN_CHARS else f"%{b:02X}" for b in text.encode("utf-8"))
+
+
+def check_instance_id(instance_id: str) -> str:
+    """``instance_id`` unchanged when its topic token fits in ``MAX_TOPIC_TOKEN`` bytes; a
+    ``ValueError`` saying why otherwise (the settings and wire models validate with it)."""
+    # an id never encodes to fewer bytes than it has characters: long ones need no encoding
+    if len(instance_id) <= MAX_TOPIC_TOKEN and len(topic_token(instance_id)) <= MAX_TOPIC_TOKEN:
+        return instance_id
+    raise ValueError(
+        f"an instance id of {len(instance_id)} characters is too long for a message-bus subject: "
+        f"it must encode to at most {MAX_TOPIC_TOKEN} bytes (letters, digits, '_' and '-' take 1 "
+        "byte each, any other byte 3)"
+    )
+
+
+#: an instance id that fits in a topic (validated with ``check_instance_id``)
+InstanceId = Annotated[str, AfterValidator(check_instance_id)]
 
 
 def events_topic(instance_id: str, worker_id: int) -> str:
@@ -88,7 +123,7 @@ class HashingParams(WireModel):
 
 
 class WorkerIdentity(WireModel):
-    instance_id: str
+    instance_id: InstanceId
     worker_id: int = Field(ge=0, description="Tensor-parallel rank of this worker.")
     epoch: str = Field(description="Fresh random id per worker start; resets sequence numbers.")
 
@@ -119,7 +154,7 @@ class EventBatch(WireModel):
     total removed). Use ``EventBatch.build`` / ``arrays()`` rather than packing by hand.
     """
 
-    instance_id: str
+    instance_id: InstanceId
     worker_id: int
     epoch: str
     location: str

@@ -2,32 +2,42 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-import json
-import logging
 import time
 from typing import Any
 
 import pluggy
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmcache_core.controller.errors import http_status
+from lmcache_core.controller.asgi import CLOSE, deny_websocket, read_body, replay, send_json
+from lmcache_core.controller.errors import error_answer
 from lmcache_core.controller.state import Controller
 from lmcache_core.errors import LMCacheError
 from lmcache_core.plugins import controller_routers, get_plugin_manager
 
-log = logging.getLogger(__name__)
+
+#: largest body of an endpoint without its own limit (the built-in ones take a few ids)
+SMALL_BODY_BYTES = 64 * 1024
+_UNAUTHORIZED = {"detail": "missing or wrong bearer token"}
 
 
 class ApiGuard:
-    """Pure ASGI middleware: bearer-token check on every path, and per-route latency.
+    """Pure ASGI middleware in front of every route: the bearer token, bounded request bodies,
+    and per-route latency.
 
     Written as raw ASGI rather than ``BaseHTTPMiddleware`` because that one costs a task and
-    a stream per request, which the lookup path cannot afford. ``fast_paths`` maps a path to a
-    raw handler called as ``handler(scope, receive, send, fallback)``, ``fallback`` being the
-    rest of the application (see ``routes.LookupFastPath``).
+    a stream per request, which the lookup path cannot afford. Every HTTP body is read here,
+    within its path's limit (``body_limits``: path -> (bytes, what the refusal says); others
+    ``SMALL_BODY_BYTES``) and ``body_timeout``, then replayed to the application; a refusal
+    closes the connection. ``fast_paths`` maps a path to a raw handler that answers a POST
+    itself, called as ``handler(scope, body, send)`` (see ``routes.LookupFastPath``).
+
+    With a token, every scope but lifespan needs it: HTTP gets 401, a websocket handshake is
+    refused, and any other kind of scope never reaches the application.
     """
 
     def __init__(
@@ -37,51 +47,68 @@ class ApiGuard:
         token: str | None,
         routes: set[str],
         fast_paths: dict[str, Any] | None = None,
+        body_limits: dict[str, tuple[int, str]] | None = None,
+        body_timeout: float = 30.0,
     ) -> None:
         self.app = app
         self.fast_paths = fast_paths or {}
+        self.body_limits = body_limits or {}
+        self.body_timeout = body_timeout
         self.histogram = controller.metrics.request_latency
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.expected = hashlib.sha256(f"Bearer {token}".encode()).digest() if token is not None else None
         self.routes = routes
         self._children: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan" or self._authorized(scope):
+                await self.app(scope, receive, send)
+            elif scope["type"] == "websocket":
+                await deny_websocket(scope, send, 401, _UNAUTHORIZED)
             return
         started = time.perf_counter()
-        if self.expected is not None and not self._authorized(scope):
-            await _send_json(send, 401, {"detail": "missing or wrong bearer token"}, [(b"www-authenticate", b"Bearer")])
-        else:
-            fast = self.fast_paths.get(scope["path"])
-            if fast is None:
-                await self.app(scope, receive, send)
-            else:
-                await fast(scope, receive, send, self.app)
         path = scope["path"]
+        if self._authorized(scope):
+            await self._serve(scope, receive, send, path)
+        else:
+            await send_json(send, 401, _UNAUTHORIZED, [(b"www-authenticate", b"Bearer")])
         route = path if path in self.routes else "other"
         child = self._children.get(route)
         if child is None:
             child = self._children[route] = self.histogram.labels(route)
         child.observe(time.perf_counter() - started)
 
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        limit, accepts = self.body_limits.get(path) or (SMALL_BODY_BYTES, _accepts(path, SMALL_BODY_BYTES))
+        try:
+            body = await read_body(scope, receive, limit, self.body_timeout, accepts)
+        except LMCacheError as exc:
+            status, answer = error_answer(exc, path)
+            await send_json(send, status, answer, [CLOSE])
+            return
+        if body is None:
+            return  # the client went away
+        fast = self.fast_paths.get(path)
+        if fast is not None and scope["method"] == "POST":
+            await fast(scope, body, send)
+        else:
+            await self.app(scope, replay(body, receive), send)
+
     def _authorized(self, scope: Scope) -> bool:
+        if self.expected is None:
+            return True
+        given = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
-                return hmac.compare_digest(value, self.expected)  # type: ignore[arg-type]
-        return False
+                given = value
+                break
+        # digests have one length whatever was sent, so the comparison's time tells nothing
+        return hmac.compare_digest(hashlib.sha256(given).digest(), self.expected)
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
+def _accepts(path: str, size: int, setting: str | None = None) -> str:
+    """What a refused body's answer says an endpoint takes."""
+    return f"{path} accepts at most {size} bytes" + (f" ({setting})" if setting else "")
 
 
 def create_app(controller: Controller, pm: pluggy.PluginManager | None = None) -> FastAPI:
@@ -96,17 +123,13 @@ def create_app(controller: Controller, pm: pluggy.PluginManager | None = None) -
     for router in controller_routers(pm):
         app.include_router(router)
 
-    @app.exception_handler(LMCacheError)
-    async def lmcache_error(request: Request, exc: LMCacheError) -> JSONResponse:
-        status = http_status(exc)
-        if status >= 500 and status not in (502, 504):
-            log.error("request %s failed", request.url.path, exc_info=exc)
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+    async def answer_error(request: Request, exc: Exception) -> JSONResponse:
+        status, body = error_answer(exc, request.url.path)
+        return JSONResponse(body, status_code=status)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("request %s failed unexpectedly", request.url.path, exc_info=exc)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+    # malformed bodies (422), our errors, and anything unexpected (500): short, never the input
+    for kind in (RequestValidationError, LMCacheError, Exception):
+        app.add_exception_handler(kind, answer_error)
 
     routes = {getattr(r, "path", "") for r in app.routes}
     # a route whose endpoint names a raw handler (``lmcache_fast_path``) is served by it, when
@@ -119,11 +142,18 @@ def create_app(controller: Controller, pm: pluggy.PluginManager | None = None) -
         if path not in seen and factory is not None:
             fast_paths[path] = factory(controller)
         seen.add(path)
+    settings = controller.settings
+    lookup_limit = settings.controller_max_request_bytes
     app.add_middleware(
         ApiGuard,
         controller=controller,
-        token=controller.settings.controller_api_token,
+        token=settings.controller_api_token,
         routes=routes,
         fast_paths=fast_paths,
+        # the raw paths (/lookup) take token lists; every other endpoint a few ids
+        body_limits={
+            path: (lookup_limit, _accepts(path, lookup_limit, "controller_max_request_bytes")) for path in fast_paths
+        },
+        body_timeout=settings.controller_request_timeout,
     )
     return app

@@ -74,8 +74,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
     pm = get_plugin_manager()
     overrides = {}
-    token = args.api_token or os.environ.get(API_TOKEN_ENV)
-    if token:
+    # an empty token given is kept, so the settings refuse it rather than running without auth
+    token = args.api_token if args.api_token is not None else os.environ.get(API_TOKEN_ENV)
+    if token is not None:
         overrides["controller_api_token"] = token
     settings = load_settings(pm, config_file=args.config, **overrides)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -1,8 +1,14 @@
-"""Errors the controller raises, each mapped to one HTTP status by ``http_status``."""
+"""Errors the controller raises, each mapped to one HTTP status by ``http_status``, and
+``error_answer``: what any exception becomes at the API boundary (a short JSON ``detail``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import islice
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
 
 from lmcache_core.errors import (
     LMCacheError,
@@ -11,6 +17,15 @@ from lmcache_core.errors import (
     TransportError,
     UnknownLocationError,
 )
+
+log = logging.getLogger(__name__)
+
+#: validation errors an answer lists at most (a body can hold a million bad items)
+MAX_ERRORS = 5
+#: longest message an error answer carries
+MAX_TEXT = 200
+#: longest field name an error answer repeats (an unknown one comes from the body)
+MAX_FIELD = 64
 
 
 class UnknownInstanceError(LMCacheError, KeyError):
@@ -28,7 +43,10 @@ class UnknownWorkerError(LMCacheError, KeyError):
     """A worker rank that is not registered for an instance."""
 
     def __init__(self, instance_id: str, missing: Iterable[int], known: Iterable[int]) -> None:
-        ranks = ", ".join(str(r) for r in sorted(missing))
+        missing = sorted(missing)
+        ranks = ", ".join(str(r) for r in missing[:MAX_ERRORS])
+        if len(missing) > MAX_ERRORS:
+            ranks += f" and {len(missing) - MAX_ERRORS} more"
         listed = ", ".join(str(r) for r in sorted(known)) or "(none)"
         super().__init__(
             f"instance '{instance_id}' has no worker {ranks}; registered workers: {listed}"
@@ -40,6 +58,14 @@ class UnknownWorkerError(LMCacheError, KeyError):
 
 class TooManyTokensError(LMCacheError):
     """A lookup's token list is longer than ``controller_max_lookup_tokens``."""
+
+
+class RequestTooLargeError(LMCacheError):
+    """A request body over the endpoint's limit (refused before it is read, when declared)."""
+
+
+class RequestBodyTimeoutError(LMCacheError):
+    """A request body that did not arrive within ``controller_request_timeout``."""
 
 
 class WorkerUnavailableError(LMCacheError):
@@ -56,10 +82,45 @@ def http_status(exc: LMCacheError) -> int:
         return 404
     if isinstance(exc, UnknownLocationError):
         return 400
-    if isinstance(exc, TooManyTokensError):
+    if isinstance(exc, (TooManyTokensError, RequestTooLargeError)):
         return 413
+    if isinstance(exc, RequestBodyTimeoutError):
+        return 408
     if isinstance(exc, (WorkerUnavailableError, RequestTimeout, NoResponders)):
         return 504
     if isinstance(exc, (BadWorkerReplyError, TransportError)):
         return 502
     return 500
+
+
+def _short(text: str, limit: int = MAX_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Validation errors as an answer lists them: type, field path and message of the first
+    few, never the input (which may be huge, or hold NaN or bytes that JSON cannot carry)."""
+    return [
+        {
+            "type": _short(str(error.get("type", "invalid"))),
+            "loc": [p if type(p) is int else _short(str(p), MAX_FIELD) for p in islice(error.get("loc", ()), 16)],
+            "msg": _short(str(error.get("msg", ""))),
+        }
+        for error in islice(errors, MAX_ERRORS)
+    ]
+
+
+def error_answer(exc: BaseException, path: str) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and JSON body ``exc`` becomes at the API boundary; logs server faults.
+
+    The one place error answers are shaped, for the FastAPI app and the raw ASGI paths alike.
+    """
+    if isinstance(exc, RequestValidationError):
+        return 422, {"detail": short_errors(exc.errors())}
+    if isinstance(exc, LMCacheError):
+        status = http_status(exc)
+        if status >= 500 and status not in (502, 504):
+            log.error("request %s failed", path, exc_info=exc)
+        return status, {"detail": str(exc)}
+    log.error("request %s failed unexpectedly", path, exc_info=exc)
+    return 500, {"detail": _short(f"internal error: {type(exc).__name__}: {exc}")}

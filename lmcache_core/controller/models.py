@@ -11,7 +11,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmcache_core.wire import HashingParams
+from lmcache_core.wire import MAX_TOPIC_TOKEN, HashingParams
+
+#: token ids are JSON integers in [0, MAX_TOKEN_ID)
+MAX_TOKEN_ID = 2**32
+#: longest location or model name a request may carry (an answer may repeat it)
+MAX_NAME_LENGTH = 256
+#: an instance id longer than this cannot be registered (its topic would not fit)
+MAX_INSTANCE_ID_LENGTH = MAX_TOPIC_TOKEN
+
+TokenId = Annotated[int, Field(strict=True, ge=0, lt=MAX_TOKEN_ID)]
+InstanceIdField = Annotated[str, Field(min_length=1, max_length=MAX_INSTANCE_ID_LENGTH)]
 
 class ApiModel(BaseModel):
     """Base of request bodies: unknown fields are errors, so typos do not pass silently."""
@@ -20,11 +30,15 @@ class ApiModel(BaseModel):
 
 
 class LookupRequest(ApiModel):
-    # range-checked when converted to int64 (lmcache_core.controller.routes), which is several
-    # times cheaper than a per-item constraint on an 8k-token list
-    tokens: list[int] = Field(description="Token ids of the prompt (signed 64-bit integers).")
-    model: str | None = Field(None, description="Only credit instances serving this model.")
-    instance_id: str | None = Field(None, description="Only credit this instance.")
+    """The body of ``/lookup``; ``routes.parse_lookup`` reads it (at C speed) to these rules."""
+
+    tokens: list[TokenId] = Field(description="Token ids of the prompt: JSON integers in [0, 2^32).")
+    model: str | None = Field(
+        None, max_length=MAX_NAME_LENGTH, description="Only credit instances serving this model."
+    )
+    instance_id: str | None = Field(
+        None, max_length=MAX_INSTANCE_ID_LENGTH, description="Only credit this instance."
+    )
 
 
 class LookupResponse(BaseModel):
@@ -36,8 +50,8 @@ class LookupResponse(BaseModel):
 
 
 class ClearRequest(ApiModel):
-    instance_id: str = Field(min_length=1)
-    location: str = Field(min_length=1, description="e.g. 'LocalCPUBackend'.")
+    instance_id: InstanceIdField
+    location: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, description="e.g. 'LocalCPUBackend'.")
 
 
 class ClearResponse(BaseModel):
@@ -49,7 +63,7 @@ class ClearResponse(BaseModel):
 
 
 class CheckFinishRequest(ApiModel):
-    event_id: str
+    event_id: str = Field(max_length=64)
 
 
 class CheckFinishResponse(BaseModel):
@@ -60,7 +74,7 @@ class CheckFinishResponse(BaseModel):
 
 
 class HealthRequest(ApiModel):
-    instance_id: str = Field(min_length=1)
+    instance_id: InstanceIdField
 
 
 class HealthResponse(BaseModel):
@@ -91,8 +105,10 @@ class WorkerInfo(BaseModel):
 
 
 class QueryWorkerInfoRequest(ApiModel):
-    instance_id: str = Field(min_length=1)
-    worker_ids: list[int] | None = Field(None, description="Ranks to report; None: every rank.")
+    instance_id: InstanceIdField
+    worker_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Ranks to report; None: every rank."
+    )
 
 
 class QueryWorkerInfoResponse(BaseModel):

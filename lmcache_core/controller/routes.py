@@ -1,23 +1,29 @@
 """The controller's built-in HTTP endpoints, contributed through ``lmcache_controller_routes``.
 
-Handlers stay thin: they validate the body (pydantic), call the ``Controller`` and shape the
-answer; errors are ``LMCacheError``s that the app turns into JSON ``{"detail": ...}``.
+Handlers stay thin: they validate the body (pydantic; ``parse_lookup`` for ``/lookup``), call
+the ``Controller`` and shape the answer; errors are ``LMCacheError``s that the app turns into
+JSON ``{"detail": ...}`` (``errors.error_answer``).
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any, TypeVar
+from itertools import islice
+from typing import Any, NamedTuple
 
+import anyio
+import anyio.to_thread
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from pydantic import BaseModel
+from starlette.types import Scope, Send
 
+from lmcache_core.controller.asgi import send_json
 from lmcache_core.controller.deps import get_controller
+from lmcache_core.controller.errors import MAX_ERRORS, error_answer
 from lmcache_core.controller.models import (
     CheckFinishRequest,
     CheckFinishResponse,
@@ -26,6 +32,9 @@ from lmcache_core.controller.models import (
     HealthRequest,
     HealthResponse,
     InstancesResponse,
+    MAX_INSTANCE_ID_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_TOKEN_ID,
     LookupRequest,
     LookupResponse,
     QueryWorkerInfoRequest,
@@ -33,144 +42,146 @@ from lmcache_core.controller.models import (
 )
 from lmcache_core.controller.state import Controller
 from lmcache_core.hookspecs import hookimpl
+from lmcache_core.keys import TokenHasher
 
-M = TypeVar("M", bound=BaseModel)
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     """An OpenAPI requestBody for a route that parses its body itself."""
     return {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}
 
 
-def parse_body(model: type[M], raw: bytes) -> M:
-    """``raw`` JSON validated as ``model``; errors become FastAPI's usual 422 with field paths."""
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False)
-        for error in errors:
-            error["loc"] = ("body", *error["loc"])
-        raise RequestValidationError(errors) from None
+class LookupQuery(NamedTuple):
+    """A parsed ``/lookup`` body."""
+
+    tokens: np.ndarray  # int64: chunk hashes are computed over 64-bit token ids
+    model: str | None
+    instance_id: str | None
 
 
 _LOOKUP_FIELDS = frozenset(LookupRequest.model_fields)
-_INT64_RANGE_ERROR = {
-    "type": "int64_range",
-    "loc": ("body", "tokens"),
-    "msg": "token ids must fit in a signed 64-bit integer",
-    "input": None,
-}
+_NAME_LIMITS = (("model", MAX_NAME_LENGTH), ("instance_id", MAX_INSTANCE_ID_LENGTH))
+#: bodies larger than this are parsed and hashed in a worker thread, so the event loop keeps
+#: serving heartbeats meanwhile (an 8,192-token body is about 50 KB)
+OFF_LOOP_BYTES = 256 * 1024
+#: big bodies parsed at once (each may take several times its size in memory while parsed)
+OFF_LOOP_THREADS = 2
 
 
-def _plain_lookup_body(raw: bytes) -> tuple[np.ndarray, str | None, str | None] | None:
-    """(int64 tokens, model, instance_id) of a plain, well-formed ``/lookup`` body, or ``None``
-    for anything else (which then takes the validating path and gets its exact 422).
+def parse_lookup(raw: bytes) -> LookupQuery:
+    """A ``/lookup`` body read at C speed: orjson, then one ``struct.pack`` range-checking every
+    token id (pydantic validating 8k ids would cost about half a lookup);
+    ``RequestValidationError`` naming the first problems of anything else.
 
-    Why: validating 8k tokens with pydantic and converting them with numpy cost about half
-    of a lookup; orjson plus one ``struct.pack`` do the same at C speed. The result is the
-    same for every body accepted here: JSON integers that fit in int64 (``struct`` raises on
-    anything else: floats, strings, out-of-range ids), the model's field names only, and
-    strings or nulls for the two filters.
+    Token ids are JSON integers in [0, 2^32): ``struct`` refuses floats, strings, nulls,
+    negative and larger ids; booleans (which it takes for 0 and 1) are looked for only when
+    the body spells one. NaN, Infinity and bytes that are not UTF-8 are not JSON.
     """
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if type(body) is not dict or not body.keys() <= _LOOKUP_FIELDS:
-        return None
+    except orjson.JSONDecodeError as exc:
+        raise RequestValidationError([_error("json_invalid", (), f"Invalid JSON: {exc}")]) from None
+    if type(body) is not dict:
+        raise RequestValidationError([_error("model_type", (), "Input should be an object")])
     tokens = body.get("tokens")
-    model = body.get("model")
-    instance_id = body.get("instance_id")
-    if (
-        type(tokens) is not list
-        or (model is not None and type(model) is not str)
-        or (instance_id is not None and type(instance_id) is not str)
-    ):
-        return None
+    if type(tokens) is list and body.keys() <= _LOOKUP_FIELDS and not _name_errors(body):
+        packed = _pack_tokens(tokens, raw)
+        if packed is not None:
+            ids = np.frombuffer(packed, dtype="<u4").astype("<i8")
+            return LookupQuery(ids, body.get("model"), body.get("instance_id"))
+    raise RequestValidationError(_lookup_errors(body))
+
+
+def _pack_tokens(tokens: list[Any], raw: bytes) -> bytes | None:
+    """``tokens`` as little-endian uint32, or None when one is not a token id."""
     try:
-        # one C call for the whole list; 3x cheaper than filling an array('q') here
-        packed = struct.pack(f"<{len(tokens)}q", *tokens)
+        # one C call for the whole list; 3x cheaper than filling an array here
+        packed = struct.pack(f"<{len(tokens)}I", *tokens)
     except struct.error:
         return None
-    return np.frombuffer(packed, dtype="<i8"), model, instance_id
+    if (b"true" in raw or b"false" in raw) and _first_bad_token(tokens) is not None:
+        return None
+    return packed
 
 
-def _validated_lookup_body(raw: bytes) -> tuple[np.ndarray, str | None, str | None]:
-    """The validating path: pydantic's 422 with field paths for any malformed body."""
-    body = parse_body(LookupRequest, raw)
-    try:
-        tokens = np.fromiter(body.tokens, dtype=np.int64, count=len(body.tokens))
-    except OverflowError:
-        raise RequestValidationError([_INT64_RANGE_ERROR]) from None
-    return tokens, body.model, body.instance_id
+def _error(kind: str, loc: tuple[str | int, ...], msg: str) -> dict[str, Any]:
+    return {"type": kind, "loc": ("body", *loc), "msg": msg}
 
 
-def _lookup_answer(controller: Controller, tokens: np.ndarray, model: str | None, instance_id: str | None) -> bytes:
-    """The JSON body of a ``/lookup`` answer (one event id per lookup, for /check_finish)."""
-    layout = controller.lookup(tokens, model=model, instance_id=instance_id)
+def _first_bad_token(tokens: list[Any]) -> int | None:
+    return next((i for i, t in enumerate(tokens) if type(t) is not int or not 0 <= t < MAX_TOKEN_ID), None)
+
+
+def _name_errors(body: dict[str, Any]) -> list[dict[str, Any]]:
+    errors = []
+    for name, limit in _NAME_LIMITS:
+        value = body.get(name)
+        if value is not None and type(value) is not str:
+            errors.append(_error("string_type", (name,), "Input should be a valid string"))
+        elif value is not None and len(value) > limit:
+            errors.append(_error("string_too_long", (name,), f"String should have at most {limit} characters"))
+    return errors
+
+
+def _lookup_errors(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """What is wrong with a ``/lookup`` body: unknown fields, the first bad token id, the names."""
+    extra = islice((key for key in body if key not in _LOOKUP_FIELDS), MAX_ERRORS)
+    errors = [_error("extra_forbidden", (key,), "Extra inputs are not permitted") for key in extra]
+    tokens = body.get("tokens")
+    if "tokens" not in body:
+        errors.append(_error("missing", ("tokens",), "Field required"))
+    elif type(tokens) is not list:
+        errors.append(_error("list_type", ("tokens",), "Input should be a valid array"))
+    else:
+        bad = _first_bad_token(tokens)
+        if bad is not None:
+            msg = f"Token ids should be JSON integers in [0, {MAX_TOKEN_ID})"
+            errors.append(_error("token_id", ("tokens", bad), msg))
+    return errors + _name_errors(body)
+
+
+def _parse_and_hash(controller: Controller, raw: bytes, hashers: list[TokenHasher]) -> tuple[LookupQuery, Any]:
+    query = parse_lookup(raw)
+    return query, controller.hash_lookup(query.tokens, hashers)
+
+
+async def answer_lookup(controller: Controller, raw: bytes, limiter: anyio.CapacityLimiter | None = None) -> bytes:
+    """The JSON answer to a ``/lookup`` body (one event id per lookup, for /check_finish).
+
+    Bodies over ``OFF_LOOP_BYTES`` are parsed and hashed in a worker thread (under ``limiter``);
+    only the index look-up, which reads state the loop changes, runs on the loop.
+    """
+    if len(raw) <= OFF_LOOP_BYTES:
+        query = parse_lookup(raw)
+        hashed = controller.hash_lookup(query.tokens)
+    else:
+        query, hashed = await anyio.to_thread.run_sync(
+            _parse_and_hash, controller, raw, controller.lookup_hashers(), limiter=limiter
+        )
+    layout = controller.lookup_hashed(hashed, len(query.tokens), query.model, query.instance_id)
     event_id = controller.events.start("lookup", status="finished")
     return orjson.dumps({"event_id": event_id, "layout_info": layout})
 
 
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
 class LookupFastPath:
-    """``POST /lookup`` served as raw ASGI for plain bodies that succeed, skipping the router,
-    the dependency solving and the exception middleware (about a tenth of a lookup's CPU).
-
-    Anything else (another method, a body the plain parser declines, an error) is handed to
-    ``fallback``, the full application, with the body replayed: the FastAPI route then gives
-    the exact answer (422, 413, ...), so error shaping lives in one place.
+    """``POST /lookup`` served as raw ASGI, skipping the router, the dependency solving and the
+    exception middleware (about a tenth of a lookup's CPU). ``ApiGuard`` has read the body
+    within its limit; errors are shaped by ``errors.error_answer``, as the app shapes them.
     """
 
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
+        self._limiter: anyio.CapacityLimiter | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp) -> None:
-        if scope["method"] != "POST":
-            await fallback(scope, receive, send)
+    async def __call__(self, scope: Scope, body: bytes, send: Send) -> None:
+        if self._limiter is None:  # made here: a limiter belongs to the running event loop
+            self._limiter = anyio.CapacityLimiter(OFF_LOOP_THREADS)
+        try:
+            answer = await answer_lookup(self.controller, body, self._limiter)
+        except Exception as exc:  # noqa: BLE001  # every failure gets the app's short answer
+            status, detail = error_answer(exc, scope["path"])
+            await send_json(send, status, detail)
             return
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        raw = b"".join(chunks)
-        parsed = _plain_lookup_body(raw)
-        body = None
-        if parsed is not None:
-            try:
-                body = _lookup_answer(self.controller, *parsed)
-            except Exception:  # noqa: BLE001  # the FastAPI route repeats the call and shapes the error
-                body = None
-        if body is None:
-            await fallback(scope, _replay(raw, receive), send)
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-def _replay(raw: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that yields the already-read body once, then defers to the real one."""
-    pending = True
-
-    async def replayed() -> Message:
-        nonlocal pending
-        if pending:
-            pending = False
-            return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
-
-    return replayed
+        await send_json(send, 200, answer)
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -185,20 +196,20 @@ def build_router() -> APIRouter:
     @router.post(
         "/lookup",
         response_model=LookupResponse,
-        responses={413: {"description": "More tokens than controller_max_lookup_tokens."}},
+        responses={
+            413: {
+                "description": "More tokens than controller_max_lookup_tokens, "
+                "or a body larger than controller_max_request_bytes."
+            }
+        },
         openapi_extra={"requestBody": _json_body(LookupRequest)},
     )
     async def lookup(request: Request) -> Response:
         """Which instances hold a prefix of the tokens, where, and how many tokens of it."""
-        # the hot path: parse the raw body at C speed (validating fully only when it is not
-        # plain), and write the answer without a second validation. The controller is read
-        # from the app state directly: a Depends costs a dependency solve per request
-        raw = await request.body()
-        parsed = _plain_lookup_body(raw) or _validated_lookup_body(raw)
         controller: Controller = request.app.state.controller
-        return Response(_lookup_answer(controller, *parsed), media_type="application/json")
+        return Response(await answer_lookup(controller, await request.body()), media_type="application/json")
 
-    # create_app serves plain, successful lookups through this raw ASGI handler (see its doc)
+    # create_app serves POSTs here through this raw ASGI handler instead (see its doc)
     lookup.lmcache_fast_path = LookupFastPath  # type: ignore[attr-defined]
 
     @router.post(

@@ -8,6 +8,7 @@ subscriptions and background tasks, bus connection, embedded message server).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -77,12 +78,72 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _http_protocol() -> str:
+#: most bytes of request line and headers a request may have (larger: 400, disconnected)
+MAX_HEAD_BYTES = 64 * 1024
+
+
+def _http_protocol(head_timeout: float) -> str | type[asyncio.Protocol]:
+    """uvicorn's httptools protocol (the C parser is several times faster than h11) with a
+    deadline and a size bound on each request's head; plain h11 where httptools is missing."""
     try:
-        import httptools  # noqa: F401  # the C parser is several times faster than h11
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return "h11"
-    return "httptools"
+
+    class BoundedHeadProtocol(HttpToolsProtocol):
+        """A client has ``head_timeout`` seconds from connecting (or from the first byte of a
+        later request) to send its request line and headers, at most ``MAX_HEAD_BYTES`` of
+        them; a slower one is disconnected. uvicorn alone waits forever and keeps all it gets.
+        """
+
+        _head_deadline: asyncio.TimerHandle | None = None
+        _head_bytes = 0
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head_deadline()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = 0
+            if self._head_deadline is None:
+                self._arm_head_deadline()
+
+        def on_url(self, url: bytes) -> None:
+            self._count_head(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_head(len(name) + len(value))
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._cancel_head_deadline()
+            super().on_headers_complete()
+
+        def _count_head(self, size: int) -> None:
+            self._head_bytes += size
+            if self._head_bytes > MAX_HEAD_BYTES:
+                raise ValueError("request head too large")  # the parser answers 400 and closes
+
+        def _arm_head_deadline(self) -> None:
+            self._head_deadline = self.loop.call_later(head_timeout, self._head_too_slow)
+
+        def _cancel_head_deadline(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def _head_too_slow(self) -> None:
+            self._head_deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return BoundedHeadProtocol
 
 
 @contextlib.asynccontextmanager
@@ -129,7 +190,7 @@ async def running_controller(
                 log_config=None,
                 access_log=False,
                 lifespan="off",
-                http=_http_protocol(),
+                http=_http_protocol(settings.controller_request_timeout),
                 timeout_graceful_shutdown=SHUTDOWN_GRACE,
                 backlog=2048,
                 # clients (routers, load balancers) keep connections open between lookups; a

@@ -1,6 +1,8 @@
 """The controller's state: registered workers, the KV index they feed, and the commands it sends.
 
-Everything here runs on one event loop; handlers never hold a lock across an ``await``.
+Everything here runs on one event loop; handlers never hold a lock across an ``await``. The one
+exception is ``hash_lookup`` given a snapshot of hashers: it reads no shared state, so a big
+lookup hashes in a worker thread.
 Workers speak the protocol of ``lmcache_core.wire``:
 
 * ``register`` (request): a worker's identity, hashing and locations; a new ``epoch`` (the worker
@@ -76,7 +78,7 @@ log = logging.getLogger(__name__)
 
 #: scheme ids the controller can reproduce (see lmcache_core.keys)
 SUPPORTED_SCHEMES = frozenset({HASH_SCHEME})
-#: finished events remembered for /check_finish (oldest forgotten first)
+#: events of each kind remembered for /check_finish (oldest forgotten first)
 EVENT_HISTORY = 65_536
 #: fewest seconds between two hellos the controller sends for unknown workers' heartbeats
 HELLO_MIN_INTERVAL = 1.0
@@ -150,27 +152,35 @@ class EventRecord:
 
 
 class EventLog:
-    """Ids handed out by the API and their status, for ``/check_finish`` (bounded)."""
+    """Ids handed out by the API and their status, for ``/check_finish``.
+
+    One bounded record per kind (``capacity`` ids each, oldest forgotten first), so a flood of
+    one kind never pushes out another's: a clear's id still answers after any number of lookups.
+    """
 
     def __init__(self, capacity: int = EVENT_HISTORY) -> None:
-        self._events: OrderedDict[str, EventRecord] = OrderedDict()
+        self._kinds: dict[str, OrderedDict[str, EventRecord]] = {}
         self._capacity = capacity
 
     def start(self, kind: str, status: str = "running") -> str:
         event_id = f"{kind}-{secrets.token_hex(8)}"
-        self._events[event_id] = EventRecord(kind, status)
-        if len(self._events) > self._capacity:
-            self._events.popitem(last=False)
+        events = self._kinds.get(kind)
+        if events is None:
+            events = self._kinds[kind] = OrderedDict()
+        events[event_id] = EventRecord(kind, status)
+        if len(events) > self._capacity:
+            events.popitem(last=False)
         return event_id
 
     def finish(self, event_id: str, ok: bool = True, detail: str | None = None) -> None:
-        record = self._events.get(event_id)
+        record = self.get(event_id)
         if record is not None:
             record.status = "finished" if ok else "failed"
             record.detail = detail
 
     def get(self, event_id: str) -> EventRecord | None:
-        return self._events.get(event_id)
+        events = self._kinds.get(event_id.rpartition("-")[0])  # ids are "<kind>-<hex>"
+        return events.get(event_id) if events is not None else None
 
 
 @dataclass
@@ -612,10 +622,19 @@ class Controller:
     def lookup(
         self, tokens: Any, model: str | None = None, instance_id: str | None = None
     ) -> dict[str, list[Any]]:
-        """Per instance holding a prefix of ``tokens``: [location holding most of it, tokens].
+        """Per instance holding a prefix of ``tokens``: [location holding most of it, tokens]."""
+        return self.lookup_hashed(self.hash_lookup(tokens), len(tokens), model=model, instance_id=instance_id)
 
-        Hashes once per hashing group; ``LayoutTable`` turns the index's per-holder answer into
-        per-instance prefixes with a few array operations.
+    def lookup_hashers(self) -> list[TokenHasher]:
+        """One hasher per hashing group of the live workers (a lookup hashes once per group)."""
+        return [group.hasher for group in self._groups.values()]
+
+    def hash_lookup(self, tokens: Any, hashers: list[TokenHasher] | None = None) -> list[tuple[int, np.ndarray]]:
+        """(chunk size, chunk hashes) of ``tokens`` per hashing group; ``TooManyTokensError``
+        beyond ``controller_max_lookup_tokens``.
+
+        Given ``hashers`` (from ``lookup_hashers``, taken on the event loop) it reads no shared
+        state, so a big lookup can hash in a worker thread while the loop serves heartbeats.
         """
         n_tokens = len(tokens)
         limit = self.settings.controller_max_lookup_tokens
@@ -623,14 +642,26 @@ class Controller:
             raise TooManyTokensError(
                 f"{n_tokens} tokens is more than controller_max_lookup_tokens ({limit})"
             )
-        if n_tokens == 0 or not self._groups:
-            return {}
+        if hashers is None:
+            hashers = self.lookup_hashers()
+        if n_tokens == 0 or not hashers:
+            return []
         arr = tokens if isinstance(tokens, np.ndarray) else as_token_array(tokens)
-        answers = []
-        for group in self._groups.values():
-            hashes = group.hasher.hashes(arr)
-            hashes_arr = np.fromiter(hashes, dtype=np.uint64, count=len(hashes))
-            answers.append((self.index.lookup_grid(hashes_arr), group.hasher.chunk_size))
+        hashed = []
+        for hasher in hashers:
+            hashes = hasher.hashes(arr)
+            hashed.append((hasher.chunk_size, np.fromiter(hashes, dtype=np.uint64, count=len(hashes))))
+        return hashed
+
+    def lookup_hashed(
+        self, hashed: list[tuple[int, np.ndarray]], n_tokens: int, model: str | None = None,
+        instance_id: str | None = None,
+    ) -> dict[str, list[Any]]:
+        """``lookup`` of tokens ``hash_lookup`` hashed: ``LayoutTable`` turns the index's
+        per-holder answer into per-instance prefixes with a few array operations."""
+        if not hashed:
+            return {}
+        answers = [(self.index.lookup_grid(hashes), chunk_size) for chunk_size, hashes in hashed]
         return self._layout.layout(answers, n_tokens, instance_id=instance_id, model=model)
 
     # --- introspection -----------------------------------------------------------------------

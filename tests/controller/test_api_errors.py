@@ -151,3 +151,20 @@ def test_a_plugin_contributes_routes_that_reach_the_controller(nats_url: str) ->
     with ControllerRunner(nats_url, pm=pm) as runner:
         assert runner.client.get("/workers/count").json() == {"workers": 0}
         assert runner.client.post("/lookup", json={"tokens": [1]}).status_code == 200
+
+
+def test_a_clear_still_answers_check_finish_after_70000_lookups(registered: ControllerRunner) -> None:
+    client = registered.client
+    cleared = client.post("/clear", json={"instance_id": "inst-a", "location": "LocalCPUBackend"}).json()
+    looked = client.post("/lookup", json={"tokens": PROMPT}).json()
+
+    def record_lookups() -> None:  # what 70,000 answered /lookup requests record, without the HTTP
+        for _ in range(70_000):
+            registered.controller.events.start("lookup", status="finished")
+
+    registered.call(record_lookups)
+    status = client.post("/check_finish", json={"event_id": cleared["event_id"]})
+    assert status.status_code == 200
+    assert status.json() == {"event_id": cleared["event_id"], "status": "finished", "kind": "clear", "detail": None}
+    # lookups keep a bounded record of their own: the oldest are forgotten
+    assert client.post("/check_finish", json={"event_id": looked["event_id"]}).status_code == 404
