@@ -35,6 +35,8 @@ LAYERS = 2
 
 
 def vllm_config(model: Path, kv_role: str = "kv_both") -> VllmConfig:
+    """vLLM's config of the tiny model with the connector, under vLLM's default
+    ``kv_load_failure_policy`` (a failed load would fail its request)."""
     return VllmConfig(
         model_config=ModelConfig(model=str(model), skip_tokenizer_init=True, dtype="float32"),
         cache_config=CacheConfig(block_size=BS),
@@ -42,7 +44,6 @@ def vllm_config(model: Path, kv_role: str = "kv_both") -> VllmConfig:
             kv_connector="LMCacheConnectorV1",
             kv_connector_module_path="lmcache_connector_vllm.connector",
             kv_role=kv_role,
-            kv_load_failure_policy="recompute",
         ),
     )
 
@@ -176,7 +177,7 @@ def test_a_clear_between_lookup_and_load_fails_nothing(pair: Pair) -> None:
     assert engine.lookup(prompt) == 0
     pair.scheduler.update_state_after_alloc(req, blocks([6, 7, 8, 9]), hit)
     schedule_new(pair, req, [6, 7, 8, 9], hit)
-    assert run_step(pair) == set()  # loaded from the held chunks
+    assert run_step(pair) == set()  # loaded from the held chunks: no failed block to recompute
     assert torch.equal(token_kv(pair, [6, 7, 8, 9], range(hit)), token_kv(pair, [0, 1, 2, 3], range(hit)))
     assert pair.worker._holds is not None and len(pair.worker._holds) == 0  # gone once loaded
 
