@@ -46,7 +46,7 @@ from lmcache_core.engine import CacheEngine, EngineMetadata, PrefixHold
 from lmcache_core.errors import ConfigError
 from lmcache_core.plugins import get_plugin_manager
 
-from lmcache_connector_vllm.cpu_attn_page import cpu_attention_page
+from lmcache_connector_vllm.cpu_attn_page import cpu_attention_page, cpu_attention_writer
 from lmcache_connector_vllm.holds import HoldTable
 
 from lmcache_connector_vllm.lookup_channel import (
@@ -153,19 +153,21 @@ def paged_kv_for(
             )
         planes, width = 2, head
     try:
-        page = None
+        page, writer = None, None
         if backend == "CPU_ATTN" and first is not None and first.dim() == 4 and planes == 2:
             # its pages are packed by its own writer: measure where each token goes
+            kv_cache_dtype = str(vllm_config.cache_config.cache_dtype)
+            isa = isa or _cpu_isa(vllm_config, int(first.shape[2]), width)
             page = cpu_attention_page(
                 block_tokens=int(first.shape[2]), heads=int(first.shape[1]), head_size=width,
                 cache_dtype=first.dtype, compute_dtype=model_config.dtype,
-                kv_cache_dtype=str(vllm_config.cache_config.cache_dtype),
-                isa=isa or _cpu_isa(vllm_config, int(first.shape[2]), width),
+                kv_cache_dtype=kv_cache_dtype, isa=isa,
                 token_stride=first.stride(2), head_stride=first.stride(1),
             )
+            writer = cpu_attention_writer(isa=isa, kv_cache_dtype=kv_cache_dtype)
         return PagedKV(
             kv_caches, int(vllm_config.cache_config.block_size), planes=planes, width=width,
-            page=page, describe=describe,
+            page=page, writer=writer, describe=describe,
         )
     except KVLayoutError as exc:
         raise ConfigError(str(exc)) from exc

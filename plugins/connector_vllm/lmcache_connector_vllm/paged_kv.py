@@ -28,7 +28,7 @@ This module needs torch only (no vLLM): ``benchmarks/bench_paged_kv.py`` runs it
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +95,10 @@ class PagedKV:
     >>> slots = kv.slots(block_ids, 0, 300)                          # doctest: +SKIP
     >>> chunk = kv.gather(slots)          # [layers, 2, 300, heads * 128]  # doctest: +SKIP
     >>> kv.scatter(chunk, other_slots)                                # doctest: +SKIP
+
+    ``page`` maps a block's ``[tokens, heads, planes, width]`` to element offsets, for backends
+    whose pages are not plain strided views; ``writer(tensors, chunk, slots)``, when given,
+    writes chunks the backend's own way (it must store exactly what ``gather`` reads back).
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class PagedKV:
         planes: int,
         width: int,
         page: torch.Tensor | None = None,
+        writer: Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], None] | None = None,
         describe: str = "",
     ) -> None:
         where = f" ({describe})" if describe else ""
@@ -150,6 +155,8 @@ class PagedKV:
                 f"divide vLLM's block size {block_size}"
             )
         self.layer_names = names
+        self._tensors = tensors
+        self._writer = writer
         self.block_size = block_size
         self.kernel_block = kernel_block
         self.num_kernel_blocks = num_kernel_blocks
@@ -162,6 +169,7 @@ class PagedKV:
                 f"page map of shape {tuple(page.shape)} does not match blocks of {kernel_block} "
                 f"tokens x {heads} heads x {planes} x {width}{where}"
             )
+        self._page = page
         offsets = [t.storage_offset() for t in tensors]
         self._g = g = math.gcd(_run_length(page, width), stride[0], *offsets)
         self._row_bytes = g * first.dtype.itemsize
@@ -238,6 +246,9 @@ class PagedKV:
                 f"stored chunk has shape {tuple(chunk.shape)} and dtype {chunk.dtype}; this "
                 f"vLLM instance needs {expected} and {self.format.dtype}"
             )
+        if self._writer is not None:  # the backend's own cache writer: the fastest way in
+            self._writer(self._tensors, chunk.to(self.device, non_blocking=True).contiguous(), slots)
+            return
         raw = self._raw(_SCATTER_RAW)
         src = chunk.to(self.device, non_blocking=True).contiguous().view(raw)
         for run in self._runs:

@@ -270,7 +270,7 @@ def cpu_attn_cache(
     """CPU_ATTN's caches as vLLM allocates them, and a translator over its measured pages."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from lmcache_connector_vllm.cpu_attn_page import cpu_attention_page
+    from lmcache_connector_vllm.cpu_attn_page import cpu_attention_page, cpu_attention_writer
 
     cache_dtype = torch.uint8 if kv_cache_dtype == "fp8" else dtype
     case = Case("CPU_ATTN", KVCacheLayout.LBHNC, block)
@@ -282,7 +282,9 @@ def cpu_attn_cache(
         compute_dtype=dtype, kv_cache_dtype=kv_cache_dtype, isa=isa,
         token_stride=first.stride(2), head_stride=first.stride(1),
     )
-    return caches, PagedKV(caches, block, planes=2, width=HEAD, page=page), isa
+    writer = cpu_attention_writer(isa=isa, kv_cache_dtype=kv_cache_dtype)
+    assert (writer is None) == (kv_cache_dtype == "fp8")
+    return caches, PagedKV(caches, block, planes=2, width=HEAD, page=page, writer=writer), isa
 
 
 def cpu_attn_write(caches: dict[str, torch.Tensor], slots: torch.Tensor, keys: torch.Tensor,
@@ -329,5 +331,12 @@ def test_cpu_attention_pages_give_back_exactly_the_tokens_its_writer_stored(
     needed = -(-(5 + n) // back_block)
     back, kv_back, _ = cpu_attn_cache(dtype, kv_cache_dtype, back_block, num_blocks=needed + 1)
     back_slots = kv_back.slots(list(range(needed, 0, -1)), 5, 5 + n)
-    kv_back.scatter(gpu.gather(gpu_slots), back_slots)
+    kv_back.scatter(gpu.gather(gpu_slots), back_slots)  # through CPU_ATTN's own writer
     assert torch.equal(bits(kv_back.gather(back_slots)), bits(chunk))
+    # the writer and the measured pages agree byte for byte: the same chunk moved element by
+    # element into a fresh cache leaves the same memory
+    fresh, _, _ = cpu_attn_cache(dtype, kv_cache_dtype, back_block, num_blocks=needed + 1)
+    slow = PagedKV(fresh, back_block, planes=2, width=HEAD, page=kv_back._page)
+    slow.scatter(chunk, back_slots)
+    for written, moved in zip(back.values(), fresh.values()):
+        assert torch.equal(bits(written), bits(moved))
