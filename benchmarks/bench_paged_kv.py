@@ -59,57 +59,70 @@ def best_seconds(fn: Callable[[], None], repeat: int, sync: Callable[[], None]) 
     return best
 
 
-def measure(kv, device: torch.device, tokens: int, repeat: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """Store and load of one chunk through ``kv`` vs copies of its bytes, in GB/s and ratios."""
+def measure(kv, device: torch.device, tokens: int, repeat: int, rotate: int = 8) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Store and load of chunks through ``kv`` vs copies of their bytes, in GB/s and ratios.
+
+    Each timed round moves ``rotate`` chunks, each to or from other random blocks (starting
+    mid-block) of the cache, and the baseline copies the same number of bytes to or from
+    ``rotate`` other regions of one large buffer, so neither side is served from a warm cache.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rng = random.Random(0)
     bs = kv.block_size
-    blocks = rng.sample(range(kv.num_slots // bs), -(-(tokens + 5) // bs))
-    slots = kv.slots(blocks, 5, 5 + tokens)  # starts mid-block
+    need = -(-(tokens + 5) // bs)
+    slot_sets = [kv.slots(rng.sample(range(kv.num_slots // bs), need), 5, 5 + tokens) for _ in range(rotate)]
     fmt = kv.format
     chunk = torch.empty(fmt.shape(tokens), dtype=fmt.dtype, device=device)
     nbytes = chunk.numel() * chunk.element_size()
+    pool = torch.empty((rotate, *fmt.shape(tokens)), dtype=fmt.dtype, device=device)  # baseline memory
     if device.type == "cuda":
         host = torch.empty(fmt.shape(tokens), dtype=fmt.dtype, pin_memory=True)
-        source = torch.empty_like(chunk)
 
         def store() -> None:
-            host.copy_(kv.gather(slots, out=chunk), non_blocking=True)
+            for slots in slot_sets:
+                host.copy_(kv.gather(slots, out=chunk), non_blocking=True)
 
         def load() -> None:
-            kv.scatter(host, slots)
+            for slots in slot_sets:
+                kv.scatter(host, slots)
 
         def base_store() -> None:
-            host.copy_(source, non_blocking=True)
+            for region in pool:
+                host.copy_(region, non_blocking=True)
 
         def base_load() -> None:
-            source.copy_(host, non_blocking=True)
+            for region in pool:
+                region.copy_(host, non_blocking=True)
     else:
-        source = torch.empty_like(chunk)
 
         def store() -> None:
-            kv.gather(slots, out=chunk)
+            for slots in slot_sets:
+                kv.gather(slots, out=chunk)
 
         def load() -> None:
-            kv.scatter(chunk, slots)
+            for slots in slot_sets:
+                kv.scatter(chunk, slots)
 
         def base_store() -> None:
-            chunk.copy_(source)
+            for region in pool:
+                chunk.copy_(region)
 
         def base_load() -> None:
-            source.copy_(chunk)
+            for region in pool:
+                region.copy_(chunk)
 
     out = {}
+    moved = nbytes * rotate
     for name, fn, base in (("store", store, base_store), ("load", load, base_load)):
         t, b = best_seconds(fn, repeat, sync), best_seconds(base, repeat, sync)
-        out[f"{name}_gbps"] = round(nbytes / t / 1e9, 2)
-        out[f"{name}_baseline_gbps"] = round(nbytes / b / 1e9, 2)
+        out[f"{name}_gbps"] = round(moved / t / 1e9, 2)
+        out[f"{name}_baseline_gbps"] = round(moved / b / 1e9, 2)
         out[f"{name}_ratio"] = round(b / t, 2)
-    if device.type == "cuda":  # the device-side part alone: gather vs a device copy
-        t = best_seconds(lambda: kv.gather(slots, out=chunk), repeat, sync)
-        b = best_seconds(lambda: chunk.copy_(source), repeat, sync)
-        out["device_gather_gbps"] = round(nbytes / t / 1e9, 1)
-        out["device_copy_gbps"] = round(nbytes / b / 1e9, 1)
+    if device.type == "cuda":  # the device-side part alone: gathers vs device copies
+        t = best_seconds(lambda: [kv.gather(s, out=chunk) for s in slot_sets], repeat, sync)
+        b = best_seconds(lambda: [chunk.copy_(region) for region in pool], repeat, sync)
+        out["device_gather_gbps"] = round(moved / t / 1e9, 1)
+        out["device_copy_gbps"] = round(moved / b / 1e9, 1)
     return out
 
 
@@ -119,7 +132,7 @@ def cpu_attention_translator(paged_kv, args: argparse.Namespace, blocks: int):  
     try:
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-        from lmcache_connector_vllm.cpu_attn_page import cpu_attention_page
+        from lmcache_connector_vllm.cpu_attn_page import cpu_attention_page, cpu_attention_writer
     except ImportError:
         return None, None
     block = 128
@@ -137,7 +150,8 @@ def cpu_attention_translator(paged_kv, args: argparse.Namespace, blocks: int):  
     # the connector's own class, from the installed package, so the page map type matches
     from lmcache_connector_vllm.paged_kv import PagedKV
 
-    return PagedKV(caches, block, planes=2, width=args.head_size, page=page), isa
+    writer = cpu_attention_writer(isa=isa, kv_cache_dtype="auto")
+    return PagedKV(caches, block, planes=2, width=args.head_size, page=page, writer=writer), isa
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,17 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=256, help="tokens per chunk")
-    parser.add_argument("--blocks", type=int, default=0, help="16-token blocks in the cache (0: 256 on CPU, 4096 on CUDA)")
+    parser.add_argument("--blocks", type=int, default=0, help="16-token blocks in the cache (0: 512 on CPU, 4096 on CUDA)")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    blocks = args.blocks or (4096 if device.type == "cuda" else 256)
+    blocks = args.blocks or (4096 if device.type == "cuda" else 512)
     paged_kv = load_paged_kv()
     print(
         f"paged KV <-> canonical chunks on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"{args.layers} layers x {args.heads} heads x {args.head_size}, bf16, {args.tokens}-token chunks "
-        f"({args.layers * 2 * args.tokens * args.heads * args.head_size * 2 / 2**20:.0f} MiB), best of {args.repeat}"
+        f"({args.layers * 2 * args.tokens * args.heads * args.head_size * 2 / 2**20:.0f} MiB), "
+        f"{blocks * 16} cached tokens, best of {args.repeat} rounds of 8 chunks"
     )
     results = {}
     cases = [("LBNHC (FlashAttention NHD, Triton)", "LBNHC"), ("LBHNC (FlashAttention HND, FlashInfer)", "LBHNC"),

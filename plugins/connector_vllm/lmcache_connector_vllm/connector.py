@@ -337,9 +337,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         fmt = self._kv.format
         log.info(
             "lmcache connector: %d layers on %s, %d heads x %d x %d per token, %s; chunks "
-            "[layers, %d, tokens, %d]",
+            "[layers, tokens, %d]",
             fmt.num_layers, self._kv.device, fmt.heads, fmt.planes, fmt.width, fmt.dtype,
-            fmt.planes, fmt.heads * fmt.width,
+            fmt.token_elements,
         )
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:

@@ -100,12 +100,13 @@ def cpu_attention_writer(
     from vllm import _custom_ops as ops
 
     def write(tensors: list[torch.Tensor], chunk: torch.Tensor, slots: torch.Tensor) -> None:
-        tokens = chunk.shape[2]
+        tokens = chunk.shape[1]
         for cache, layer in zip(tensors, chunk):
             blocks, heads, block, content = cache.shape
             key_cache, value_cache = cache.view(blocks, heads, 2 * block, content // 2).chunk(2, dim=2)
+            kv = layer.view(tokens, heads, 2, content // 2)
             ops.cpu_attn_reshape_and_cache(
-                layer[0].view(tokens, heads, -1), layer[1].view(tokens, heads, -1),
+                kv[:, :, 0].contiguous(), kv[:, :, 1].contiguous(),
                 key_cache, value_cache, slots, isa, 1.0, 1.0, kv_cache_dtype,
             )
 

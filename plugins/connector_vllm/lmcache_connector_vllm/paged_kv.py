@@ -8,17 +8,18 @@ elements, for attention; the latent vector for MLA, where ``H == 1``). The backe
 FlashAttention's default NHD, FlashInfer and Triton, ``LHBNC``, the cross-layer ``BLHNC`` ...)
 changes only the *strides* of those views, so the strides vLLM hands over are the layout.
 
-The canonical chunk of ``n`` tokens is one contiguous tensor
-``[layers, planes, n, heads * width]``: ``planes == 2`` (keys, values; ``width`` = head size)
-for attention, ``planes == 1`` (``width`` = the whole content) for MLA and for packed
-quantised content. It names no block, block size, backend, layout or device, so a chunk stored
-by one vLLM loads into another with any of those different. A token's place in vLLM is its
-*slot*: ``block_id * block_size + offset`` (scheduler blocks; kernel blocks of one scheduler
-block are adjacent, so the slot arithmetic is the same).
+The canonical chunk of ``n`` tokens is one contiguous tensor ``[layers, n, heads * content]``:
+per token and head its keys then its values (``planes == 2`` of ``width`` = head size each),
+or its latent vector for MLA and packed quantised content (``planes == 1``). Token-major, so a
+token's whole KV in one layer is one run of memory, as it is in most backends' pages. It names
+no block, block size, backend, layout or device, so a chunk stored by one vLLM loads into
+another with any of those different. A token's place in vLLM is its *slot*:
+``block_id * block_size + offset`` (scheduler blocks; kernel blocks of one scheduler block are
+adjacent, so the slot arithmetic is the same).
 
 Every copy is a single ``index_select`` (gather) or ``index_copy_`` (scatter) over the cache's
-storage seen as rows of ``g`` elements (``g`` divides the head width and every stride), with a
-row index built from the strides: one kernel for all layers that share one allocation (vLLM
+storage seen as rows of ``g`` elements (the longest run a token's content keeps in the page,
+dividing every stride), with a row index built from the strides: one kernel for all layers that share one allocation (vLLM
 allocates them all in one), on CPU and on CUDA alike, and bytes are copied as integers, so fp8
 and every other dtype round-trip exactly.
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 #: the dimension of a chunk tensor that counts tokens
-TOKEN_DIM = 2
+TOKEN_DIM = 1
 
 #: dtypes that move rows as raw bits, widest first; each copy takes the widest that divides a
 #: row. CPU's index_select copies integer rows fastest, its index_copy_ costs per element, so a
@@ -63,7 +64,7 @@ class ChunkLayoutError(ValueError):
 
 @dataclass(frozen=True)
 class ChunkFormat:
-    """The canonical chunk format of one worker: ``[layers, planes, tokens, heads * width]``."""
+    """The canonical chunk format of one worker: ``[layers, tokens, heads * planes * width]``."""
 
     num_layers: int
     planes: int
@@ -71,8 +72,13 @@ class ChunkFormat:
     width: int
     dtype: torch.dtype
 
-    def shape(self, num_tokens: int) -> tuple[int, int, int, int]:
-        return (self.num_layers, self.planes, num_tokens, self.heads * self.width)
+    @property
+    def token_elements(self) -> int:
+        """Elements of one token in one layer."""
+        return self.heads * self.planes * self.width
+
+    def shape(self, num_tokens: int) -> tuple[int, int, int]:
+        return (self.num_layers, num_tokens, self.token_elements)
 
     def nbytes(self, num_tokens: int) -> int:
         return math.prod(self.shape(num_tokens)) * self.dtype.itemsize
@@ -93,7 +99,7 @@ class PagedKV:
 
     >>> kv = PagedKV(kv_caches, block_size=16, planes=2, width=128)   # doctest: +SKIP
     >>> slots = kv.slots(block_ids, 0, 300)                          # doctest: +SKIP
-    >>> chunk = kv.gather(slots)          # [layers, 2, 300, heads * 128]  # doctest: +SKIP
+    >>> chunk = kv.gather(slots)          # [layers, 300, heads * 2 * 128]  # doctest: +SKIP
     >>> kv.scatter(chunk, other_slots)                                # doctest: +SKIP
 
     ``page`` maps a block's ``[tokens, heads, planes, width]`` to element offsets, for backends
@@ -170,13 +176,13 @@ class PagedKV:
                 f"tokens x {heads} heads x {planes} x {width}{where}"
             )
         self._page = page
+        per_token = page.reshape(kernel_block, -1)  # [N, heads * planes * width], chunk order
         offsets = [t.storage_offset() for t in tensors]
-        self._g = g = math.gcd(_run_length(page, width), stride[0], *offsets)
+        self._g = g = math.gcd(_run_length(per_token), stride[0], *offsets)
         self._row_bytes = g * first.dtype.itemsize
         self._block_stride = stride[0] // g
-        # rows of each (token in block, head, plane, run of g elements), in chunk order
-        rows = page.view(kernel_block, heads, planes, width // g, g)[..., 0] // g
-        self._page_rows = rows.permute(2, 0, 1, 3).contiguous().to(self.device)  # [P, N, H, W/g]
+        # the row of each run of g elements of each token position of a block, in chunk order
+        self._page_rows = (per_token[:, ::g] // g).contiguous().to(self.device)  # [N, E/g]
         self._runs = self._plan_runs(tensors, offsets)
 
     def _plan_runs(self, tensors: list[torch.Tensor], offsets: list[int]) -> list[_Run]:
@@ -218,8 +224,8 @@ class PagedKV:
     def _rows(self, run: _Run, slots: torch.Tensor) -> torch.Tensor:
         # 2-D broadcasts and index_select: several times cheaper than 5-D ones and fancy indexing
         slots = slots.to(self.device)
-        inside = self._page_rows.index_select(1, slots % self.kernel_block)  # [P, n, H, W/g]
-        token = inside + ((slots // self.kernel_block) * self._block_stride).view(1, -1, 1, 1)
+        inside = self._page_rows.index_select(0, slots % self.kernel_block)  # [n, E/g]
+        token = inside + ((slots // self.kernel_block) * self._block_stride).view(-1, 1)
         return (run.base.view(-1, 1) + token.view(1, -1)).view(-1)
 
     # --- copies ------------------------------------------------------------------------------
@@ -272,13 +278,15 @@ def strided_page(
     return n + h + p + d
 
 
-def _run_length(page: torch.Tensor, width: int) -> int:
-    """The longest run ``g`` (dividing ``width``) of elements that sit together in every page
-    position: element ``d`` of a run at ``offset + d % g``, every run starting at a multiple of g."""
-    for g in sorted((g for g in range(1, width + 1) if width % g == 0), reverse=True):
-        runs = page.reshape(-1, width // g, g)
+def _run_length(per_token: torch.Tensor) -> int:
+    """The longest run ``g`` (dividing a token's element count) of a token's elements that sit
+    together in the page: element ``i`` of a run at ``offset + i % g``, every run starting at a
+    multiple of ``g``."""
+    elements = per_token.shape[-1]
+    for g in sorted((g for g in range(1, elements + 1) if elements % g == 0), reverse=True):
+        runs = per_token.reshape(-1, elements // g, g)
         if bool((runs[..., 0] % g == 0).all()) and bool(
-            (runs == runs[..., :1] + torch.arange(g, dtype=page.dtype)).all()
+            (runs == runs[..., :1] + torch.arange(g, dtype=per_token.dtype)).all()
         ):
             return g
     return 1

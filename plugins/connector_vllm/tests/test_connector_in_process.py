@@ -240,7 +240,7 @@ def test_stored_chunk_of_another_shape_is_never_loaded(pair: Pair) -> None:
     engine = pair.worker._engine
     assert engine is not None
     # a chunk under the same key but with one layer fewer (say, another model's files)
-    engine.store(prompt, kv=torch.zeros(LAYERS - 1, 2, len(prompt), 128), token_dim=2)
+    engine.store(prompt, kv=torch.zeros(LAYERS - 1, len(prompt), 256), token_dim=1)
     req = request("c", prompt)
     assert pair.scheduler.get_num_new_matched_tokens(req, 0) == (2 * BS, False)
     pair.scheduler.update_state_after_alloc(req, blocks([5, 6, 7]), 2 * BS)
@@ -293,7 +293,7 @@ def test_producer_only_stores_and_consumer_only_loads(
         pair = Pair(scheduler, worker, {})
         prompt = prompt_of(3 * BS, seed=3)
         assert worker._engine is not None
-        worker._engine.store(prompt[: 2 * BS], kv=torch.zeros(1, 2, 2 * BS, 128), token_dim=2)
+        worker._engine.store(prompt[: 2 * BS], kv=torch.zeros(1, 2 * BS, 256), token_dim=1)
         req = request("p", prompt)
         matched, _ = scheduler.get_num_new_matched_tokens(req, 0)
         assert (matched > 0) is loads

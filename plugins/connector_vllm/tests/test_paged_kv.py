@@ -129,12 +129,7 @@ def reference(case: Case, caches: dict[str, torch.Tensor], kernel_block: int, sl
     layers = []
     for cache in caches.values():
         rows = [cache[s // kernel_block, :, s % kernel_block, :] for s in slots]  # [H, C] each
-        tokens = torch.stack(rows)  # [n, H, C]
-        planes = 1 if case.mla else 2
-        n, heads, content = tokens.shape
-        layers.append(
-            tokens.reshape(n, heads, planes, content // planes).permute(2, 0, 1, 3).reshape(planes, n, -1)
-        )
+        layers.append(torch.stack(rows).reshape(len(slots), -1))  # [n, H * C]
     return torch.stack(layers)
 
 
@@ -312,14 +307,14 @@ def test_cpu_attention_pages_give_back_exactly_the_tokens_its_writer_stored(
     values = torch.randn(LAYERS, n, HEADS, HEAD, generator=gen).to(dtype)
     slots = kv.slots([5, 2, 6], 0, n)
     cpu_attn_write(caches, slots, keys, values, isa, kv_cache_dtype)
-    chunk = kv.gather(slots)  # [layers, 2, n, heads * head]
-    got = chunk.view(LAYERS, 2, n, HEADS, HEAD)
+    chunk = kv.gather(slots)  # [layers, n, heads * (keys + values)]
+    got = chunk.view(LAYERS, n, HEADS, 2, HEAD)
     if kv_cache_dtype == "fp8":  # the writer rounds to fp8 itself: compare within fp8's precision
         decoded = got.view(torch.float8_e4m3fn).float()
-        assert torch.allclose(decoded[:, 0], keys.float(), rtol=0.13, atol=0.02)
-        assert torch.allclose(decoded[:, 1], values.float(), rtol=0.13, atol=0.02)
+        assert torch.allclose(decoded[:, :, :, 0], keys.float(), rtol=0.13, atol=0.02)
+        assert torch.allclose(decoded[:, :, :, 1], values.float(), rtol=0.13, atol=0.02)
     else:
-        assert torch.equal(got[:, 0], keys) and torch.equal(got[:, 1], values)
+        assert torch.equal(got[:, :, :, 0], keys) and torch.equal(got[:, :, :, 1], values)
     # and from CPU_ATTN to a GPU layout (FlashAttention's NHD) and back, tokens mid-block
     other = CASES[2]
     gpu_caches = vllm_cache(other, chunk.dtype, "cpu", num_blocks=24, seed=0, fill=False)
