@@ -372,12 +372,12 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
                     kv.scatter(part, kv.slots(spec.block_ids, begin, stop))
                     loaded_to = stop
                     sources[location] += 1
-                assert self._stager is not None
-                self._stager.finish_loads()  # the held memory is read before it is let go
         except Exception as exc:  # any failure: recompute, never crash the worker
             log.warning("lmcache load for request %s failed: %s", spec.req_id, exc)
         finally:
             if held is not None:
+                if self._stager is not None:
+                    self._stager.finish_loads()  # copies have read the held memory: let it go
                 held.release()
         bs = self._block_size
         if loaded_to < spec.end:
