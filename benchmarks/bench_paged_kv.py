@@ -74,9 +74,11 @@ def measure(kv, device: torch.device, tokens: int, repeat: int, rotate: int = 8)
     fmt = kv.format
     chunk = torch.empty(fmt.shape(tokens), dtype=fmt.dtype, device=device)
     nbytes = chunk.numel() * chunk.element_size()
-    pool = torch.empty((rotate, *fmt.shape(tokens)), dtype=fmt.dtype, device=device)  # baseline memory
+    # baseline memory, written once: untouched pages would be read from the kernel's zero page
+    pool = torch.ones((rotate, *fmt.shape(tokens)), dtype=fmt.dtype, device=device)
+    chunk.fill_(1)
     if device.type == "cuda":
-        host = torch.empty(fmt.shape(tokens), dtype=fmt.dtype, pin_memory=True)
+        host = torch.ones(fmt.shape(tokens), dtype=fmt.dtype).pin_memory()
 
         def store() -> None:
             for slots in slot_sets:

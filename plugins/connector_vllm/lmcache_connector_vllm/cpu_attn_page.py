@@ -104,9 +104,9 @@ def cpu_attention_writer(
         for cache, layer in zip(tensors, chunk):
             blocks, heads, block, content = cache.shape
             key_cache, value_cache = cache.view(blocks, heads, 2 * block, content // 2).chunk(2, dim=2)
-            kv = layer.view(tokens, heads, 2, content // 2)
+            kv = layer.view(tokens, heads, 2, content // 2)  # the writer reads strided K and V
             ops.cpu_attn_reshape_and_cache(
-                kv[:, :, 0].contiguous(), kv[:, :, 1].contiguous(),
+                kv[:, :, 0], kv[:, :, 1],
                 key_cache, value_cache, slots, isa, 1.0, 1.0, kv_cache_dtype,
             )
 
