@@ -184,3 +184,45 @@ def test_flush_returns_true_once_the_disk_queue_is_drained(engine):
     engine.store(toks, kv_for(toks))
     assert engine.flush(timeout=30) is True
     assert engine.backend("LocalDiskBackend").stats()["queued"] == 0
+
+
+def test_chunks_of_another_shard_found_on_a_shared_disk_are_neither_announced_nor_listed(tmp_path, monkeypatch):
+    """An instance is never credited with chunks it cannot load: another model's (or rank's, or
+    dtype's) files in its own disk area are not announced at the re-scan nor in its inventory."""
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    settings = load_settings(chunk_size=256, max_local_cpu_size=0.05, local_disk=str(tmp_path / "disk"))
+    other_shards = [
+        EngineMetadata("another-model", 1, 0, "bfloat16"),
+        EngineMetadata("test-model", 2, 1, "bfloat16"),
+        EngineMetadata("test-model", 1, 0, "float16"),
+    ]
+    for i, meta in enumerate([META, *other_shards]):  # one after another, in the same area
+        with CacheEngine(settings, meta) as writer:
+            toks = tokens(300, offset=i)
+            writer.store(toks, kv_for(toks))
+            assert writer.flush(10)
+    with CacheEngine(settings, META) as engine:
+        disk = engine.backend("LocalDiskBackend")
+        assert len(disk.inventory()) == 8  # 2 chunks from each of the 4 shards are on disk
+        own = engine.inventory()["LocalDiskBackend"]  # what a worker's resync sends
+        assert len(own) == 2 and all(engine.owns(key) for key, _ in own)
+        assert engine.lookup(tokens(300, offset=0)) == 300
+        for i in range(1, 4):  # none of the others' can be looked up or loaded
+            assert engine.lookup(tokens(300, offset=i)) == 0
+
+
+def test_the_engine_announces_only_its_own_shard_when_a_backend_admits_others(tmp_path, monkeypatch):
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    settings = load_settings(chunk_size=256, max_local_cpu_size=0.05)
+    seen: list[KVEvent] = []
+    with CacheEngine(settings, META) as engine:
+        engine.subscribe(seen.append)
+        cpu = engine.backend("LocalCPUBackend")
+        foreign = EngineMetadata("another-model")
+        from lmcache_core.keys import KeyMaker
+
+        key = KeyMaker(foreign.model_name, 1, 0, "bfloat16").key(42)
+        assert cpu.put(key, torch.zeros(4, 4), 4)
+        engine.store(PROMPT, kv_for(PROMPT))
+        assert [(e.kind, e.key.model_name) for e in seen] == [(EventKind.ADMIT, "test-model")]
+        assert [k.model_name for k, _ in engine.inventory()["LocalCPUBackend"]] == ["test-model"]

@@ -1,8 +1,8 @@
 """Two real vLLM instances started at once from one YAML file, sharing its ``local_disk``.
 
-Both start (each writes its own area of the directory), the first computes and stores a
-prompt, and the second, asked the same prompt, loads it from the first's files on disk with
-the same output. Each instance sets its own ``lmcache_instance_id`` through
+Both start (each writes its own area of the directory; the YAML also carries keys LMCache
+knows and we ignore, with a warning), the first computes and stores a prompt, and the second,
+asked the same prompt, loads it from the first's files on disk with the same output. Each instance sets its own ``lmcache_instance_id`` through
 ``LMCACHE_LMCACHE_INSTANCE_ID``, the YAML file is the same.
 """
 
@@ -21,9 +21,10 @@ def test_two_instances_from_one_yaml_both_start_and_the_second_loads_the_firsts_
     tmp_path: Path, tiny_model: Path
 ) -> None:
     disk = tmp_path / "disk"
-    config = write_config(
+    config = write_config(  # with keys LMCache knows and we do not use: a warning, not a failure
         tmp_path / "lmcache.yaml", chunk_size=256, local_cpu=True, max_local_cpu_size=0.25,
-        local_disk=str(disk), max_local_disk_size=1.0,
+        local_disk=str(disk), max_local_disk_size=1.0, save_unfull_chunk=True, enable_p2p=False,
+        controller_reply_url="localhost:8300",
     )
     prompt = make_prompt(7, length=1000)
     first_done, go, second_done = tmp_path / "first_done", tmp_path / "go", tmp_path / "second_done"
@@ -70,3 +71,7 @@ def test_two_instances_from_one_yaml_both_start_and_the_second_loads_the_firsts_
     assert loaded["token_ids"] == computed["token_ids"]
     assert f"loaded {len(prompt) - 1} tokens (0..{len(prompt) - 1}); chunks per location: {{'LocalDiskBackend': 4}}" in second_run.log
     assert sorted(p.name for p in disk.iterdir() if p.is_dir()) == ["first", "second"]
+    for run in (first_run, second_run):
+        warning = next(line for line in run.log.splitlines() if "ignoring config keys that LMCache knows" in line)
+        for key in ("save_unfull_chunk", "enable_p2p", "controller_reply_url"):
+            assert key in warning
