@@ -8,7 +8,7 @@ Topics (``<inst>`` and ``<w>`` are ``topic_token(instance_id)`` and the worker r
 id must encode to at most ``MAX_TOPIC_TOKEN`` bytes, see ``check_instance_id``):
 
 =================================  =========  =================================================
-``register``                       request    worker -> controller: ``WorkerRegistration`` ->
+``register.<inst>.<w>``            request    worker -> controller: ``WorkerRegistration`` ->
                                               ``RegistrationAck``
 ``events.<inst>.<w>``              publish    worker -> controller: ``EventBatch``
 ``heartbeat.<inst>.<w>``           publish    worker -> controller: ``Heartbeat``
@@ -26,20 +26,28 @@ location's whole inventory as batches whose first has ``reset=True``, continuing
 numbering, so the receiver converges to what the worker holds. Applying an admit twice or
 evicting an absent chunk is harmless by design, so replays converge.
 
-Versions: 2 escapes instance ids in topics byte by byte (``a.b`` -> ``a%2Eb``), so distinct ids
-never share a topic; 1 hex-encoded a whole id that was not plain, so ``a.b`` and a literal
+Identity: every topic a worker publishes on names its instance and rank, and the receiver
+checks that the ids inside the message are the ones its topic names, so a bus that lets each
+instance publish only its own topics (``worker_topics``: NATS authorization permissions) also
+stops it from speaking for another.
+
+Versions: 3 puts the instance and rank into the registration topic (``register.<inst>.<w>``,
+was ``register``), so bus permissions tell one instance's registrations from another's; 2
+escapes instance ids in topics byte by byte (``a.b`` -> ``a%2Eb``), so distinct ids never share
+a topic; 1 hex-encoded a whole id that was not plain, so ``a.b`` and a literal
 ``x612e62`` shared one.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: characters a topic token keeps as they are; every other byte is escaped as ``%XX``
 _PLAIN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -93,10 +101,35 @@ def command_topic(instance_id: str, worker_id: int) -> str:
     return f"cmd.{topic_token(instance_id)}.{worker_id}"
 
 
-REGISTER_TOPIC = "register"
+def register_topic(instance_id: str, worker_id: int) -> str:
+    return f"register.{topic_token(instance_id)}.{worker_id}"
+
+
+#: where protocol 2 and older workers registered: the controller answers them with a refusal
+LEGACY_REGISTER_TOPIC = "register"
 HELLO_TOPIC = "controller.hello"
+REGISTER_WILDCARD = "register.*.*"
 EVENTS_WILDCARD = "events.*.*"
 HEARTBEAT_WILDCARD = "heartbeat.*.*"
+
+
+@dataclass(frozen=True)
+class WorkerTopics:
+    """The topic patterns the workers of one instance use (any rank): what a bus with
+    permissions lets that instance's credentials publish and subscribe to, and nothing more."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+def worker_topics(instance_id: str) -> WorkerTopics:
+    """Topics of every rank of ``instance_id``: it publishes its events, heartbeats and
+    registrations, and listens to its commands and to the controller's hello."""
+    token = topic_token(instance_id)
+    return WorkerTopics(
+        publish=(f"events.{token}.*", f"heartbeat.{token}.*", f"register.{token}.*"),
+        subscribe=(f"cmd.{token}.*", HELLO_TOPIC),
+    )
 
 
 class WireModel(BaseModel):

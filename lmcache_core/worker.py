@@ -44,7 +44,6 @@ from lmcache_core.transport import Message, MessageBus
 from lmcache_core.wire import (
     HELLO_TOPIC,
     PROTOCOL_VERSION,
-    REGISTER_TOPIC,
     ClearCommand,
     CommandReply,
     CommandRequest,
@@ -60,6 +59,7 @@ from lmcache_core.wire import (
     command_topic,
     events_topic,
     heartbeat_topic,
+    register_topic,
 )
 
 if TYPE_CHECKING:
@@ -350,7 +350,9 @@ class WorkerHandle:
         while True:
             try:
                 reply = await self._bus.request(
-                    REGISTER_TOPIC, self.registration().encode(), timeout=_REGISTER_TIMEOUT
+                    register_topic(self.identity.instance_id, self.identity.worker_id),
+                    self.registration().encode(),
+                    timeout=_REGISTER_TIMEOUT,
                 )
                 ack = RegistrationAck.decode(reply)
             except (NoResponders, RequestTimeout) as exc:  # no controller yet: normal

@@ -66,6 +66,12 @@ class ControllerMetrics:
             ["reason"],
             registry=r,
         )
+        self.identity_refused = Counter(
+            "lmcache_controller_identity_refused",
+            "Messages refused because the ids inside differ from those their topic names.",
+            ["kind"],
+            registry=r,
+        )
         self.seq_gaps = Counter(
             "lmcache_controller_sequence_gaps", "Event-batch sequence gaps detected.", registry=r
         )

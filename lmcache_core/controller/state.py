@@ -5,7 +5,7 @@ exception is ``hash_lookup`` given a snapshot of hashers: it reads no shared sta
 lookup hashes in a worker thread.
 Workers speak the protocol of ``lmcache_core.wire``:
 
-* ``register`` (request): a worker's identity, hashing and locations; a new ``epoch`` (the worker
+* ``register.<inst>.<w>`` (request): a worker's identity, hashing and locations; a new ``epoch`` (the worker
   restarted) empties what the index held for it. The ack asks for a resync, which arrives as
   event batches whose first has ``reset=True``.
 * ``events.<inst>.<w>``: ordered ``EventBatch``es per location. A batch whose ``seq`` is not the
@@ -15,6 +15,10 @@ Workers speak the protocol of ``lmcache_core.wire``:
   heartbeat announced that is still not applied by the next heartbeat means batches were lost
   (a broker restart, a full buffer): resync. A worker silent for
   ``controller_heartbeat_timeout`` seconds leaves the index (``remove_holder``).
+
+Every message must name, inside it, the instance and rank its topic names (and a command's
+reply the worker asked): anything else is refused and logged, so credentials that may publish
+on one instance's topics never speak for another.
 """
 
 from __future__ import annotations
@@ -58,8 +62,9 @@ from lmcache_core.wire import (
     EVENTS_WILDCARD,
     HEARTBEAT_WILDCARD,
     HELLO_TOPIC,
+    LEGACY_REGISTER_TOPIC,
     PROTOCOL_VERSION,
-    REGISTER_TOPIC,
+    REGISTER_WILDCARD,
     ClearCommand,
     CommandReply,
     CommandRequest,
@@ -72,6 +77,9 @@ from lmcache_core.wire import (
     WireModel,
     WorkerRegistration,
     command_topic,
+    events_topic,
+    heartbeat_topic,
+    register_topic,
 )
 
 log = logging.getLogger(__name__)
@@ -226,7 +234,8 @@ class Controller:
         self._tg = tg
         bus = self.bus
         self._subscriptions = [
-            await bus.subscribe(REGISTER_TOPIC, self._on_register),
+            await bus.subscribe(REGISTER_WILDCARD, self._on_register),
+            await bus.subscribe(LEGACY_REGISTER_TOPIC, self._on_legacy_register),
             await bus.subscribe(EVENTS_WILDCARD, self._on_events),
             await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat),
         ]
@@ -297,8 +306,32 @@ class Controller:
         except ValidationError as exc:
             await self._respond(msg, RegistrationAck(accepted=False, detail=f"bad registration: {exc}", resync=False))
             return
+        if not self._claims_its_topic(msg, register_topic(reg.instance_id, reg.worker_id), "registration", reg):
+            detail = f"a registration on '{msg.topic}' must be of the instance and rank it names"
+            await self._respond(msg, RegistrationAck(accepted=False, resync=False, detail=detail))
+            return
         ack = self.register(reg)
         await self._respond(msg, ack)
+
+    async def _on_legacy_register(self, msg: Message) -> None:
+        """Protocol 2 and older registered here: say why they are not heard."""
+        detail = (
+            f"this controller speaks protocol {PROTOCOL_VERSION}: workers register on "
+            f"'register.<instance>.<rank>'; upgrade lmcache-core on this instance"
+        )
+        log.warning("refused a registration on '%s' (an older protocol)", msg.topic)
+        await self._respond(msg, RegistrationAck(accepted=False, resync=False, detail=detail))
+
+    def _claims_its_topic(self, msg: Message, expected: str, what: str, claim: Any) -> bool:
+        """Whether ``msg`` arrived on the topic of the identity it claims; logs a refusal if not."""
+        if msg.topic == expected:
+            return True
+        self.metrics.identity_refused.labels(what).inc()
+        log.warning(
+            "refused the %s on '%s': it claims to be %s/%s, whose topic is '%s'",
+            what, msg.topic, claim.instance_id, claim.worker_id, expected,
+        )
+        return False
 
     async def _respond(self, msg: Message, model: WireModel) -> None:
         try:
@@ -387,6 +420,9 @@ class Controller:
             self.metrics.batches_ignored.labels("malformed").inc()
             log.warning("ignoring a malformed event batch on %s: %s", msg.topic, exc)
             return
+        if not self._claims_its_topic(msg, events_topic(batch.instance_id, batch.worker_id), "event batch", batch):
+            self.metrics.batches_ignored.labels("identity").inc()
+            return
         self.apply_batch(batch, arrays)
 
     def apply_batch(
@@ -439,7 +475,8 @@ class Controller:
         except ValidationError as exc:
             log.warning("ignoring a malformed heartbeat on %s: %s", msg.topic, exc)
             return
-        await self.heartbeat(beat)
+        if self._claims_its_topic(msg, heartbeat_topic(beat.instance_id, beat.worker_id), "heartbeat", beat):
+            await self.heartbeat(beat)
 
     async def heartbeat(self, beat: Heartbeat) -> None:
         """Note a worker is alive; resync locations whose announced batches never arrived."""
@@ -504,9 +541,15 @@ class Controller:
         except TransportError as exc:
             raise WorkerUnavailableError(f"cannot reach worker {worker.name}: {exc}") from exc
         try:
-            return CommandReply.decode(raw)
+            reply = CommandReply.decode(raw)
         except ValidationError as exc:
             raise BadWorkerReplyError(f"worker {worker.name} sent an unreadable reply: {exc}") from exc
+        if (reply.instance_id, reply.worker_id) != (worker.instance_id, worker.worker_id):
+            log.warning("refused a reply on '%s' from %s/%s", topic, reply.instance_id, reply.worker_id)
+            raise BadWorkerReplyError(
+                f"worker {worker.name} was answered for by {reply.instance_id}/{reply.worker_id}"
+            )
+        return reply
 
     async def _fan_out(
         self, ranks: list[WorkerState], command: Any, event_id: str

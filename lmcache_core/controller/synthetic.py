@@ -16,7 +16,6 @@ from lmcache_core.events import EventKind
 from lmcache_core.keys import HASH_SCHEME
 from lmcache_core.transport import Message, MessageBus, Subscription
 from lmcache_core.wire import (
-    REGISTER_TOPIC,
     CommandReply,
     CommandRequest,
     EventBatch,
@@ -28,6 +27,7 @@ from lmcache_core.wire import (
     command_topic,
     events_topic,
     heartbeat_topic,
+    register_topic,
 )
 
 #: how a synthetic worker answers commands: a reply, or None to never answer
@@ -64,7 +64,9 @@ class SyntheticWorker:
         self._sub: Subscription | None = None
 
     async def register(self, timeout: float = 5.0) -> RegistrationAck:
-        raw = await self.bus.request(REGISTER_TOPIC, self.registration.encode(), timeout)
+        raw = await self.bus.request(
+            register_topic(self.ident.instance_id, self.ident.worker_id), self.registration.encode(), timeout
+        )
         return RegistrationAck.decode(raw)
 
     async def serve_commands(self, policy: CommandPolicy | None = None) -> None:

@@ -24,6 +24,7 @@ from nats.aio.subscription import Subscription as NatsPySubscription
 
 from lmcache_core.errors import NoResponders, RequestTimeout, TransportError
 from lmcache_core.transport import Handler, Message, MessageBus, Subscription
+from lmcache_transport_nats.auth import inbox_prefix, prefixed
 from lmcache_transport_nats.settings import NatsSettings, nats_settings_from
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,8 @@ class NatsBus(MessageBus):
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
             "closed_cb": self._on_closed,
+            # replies come under the user's own inbox, the one its bus permissions allow
+            "inbox_prefix": inbox_prefix(settings.nats_user),
             **_auth_options(settings),
         }
         tls = _tls_context(settings)
@@ -358,7 +361,7 @@ class NatsBus(MessageBus):
 
     def subject(self, topic: str) -> str:
         """The NATS subject of a relative ``topic``."""
-        return f"{self.prefix}.{topic}" if self.prefix else topic
+        return prefixed(self.prefix, topic)
 
     def topic(self, subject: str) -> str:
         """The relative topic of a NATS ``subject`` received under this bus's prefix."""

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError
 
 from lmcache_core.errors import ConfigError
+from lmcache_core.wire import InstanceId
 
 MIB = 1024**2
 
@@ -61,6 +62,16 @@ class NatsSettings(BaseModel):
         None, description="Password for NATS user/password auth (with nats_user)."
     )
     nats_token: SecretStr | None = Field(None, description="Token for NATS token auth.")
+    nats_instance_passwords: dict[InstanceId, SecretStr] = Field(
+        default_factory=dict,
+        description=(
+            "Controller side: instance id -> password of that instance's bus user (whose user "
+            "name is the instance id), for the embedded server and 'python -m "
+            "lmcache_transport_nats.auth_config'; each such user may publish only its own instance's "
+            "events, heartbeats and registrations and hear only its own commands and the hello. "
+            "Needs nats_user and nats_password (the controller's own user)."
+        ),
+    )
     nats_creds_file: Path | None = Field(
         None, description="A NATS .creds file (JWT + nkey seed) for decentralised auth."
     )
