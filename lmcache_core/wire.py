@@ -17,6 +17,11 @@ id must encode to at most ``MAX_TOPIC_TOKEN`` bytes, see ``check_instance_id``):
 ``cmd.<inst>.*`` / ``cmd.*.*``     request    fan-out helpers may also address every rank
 ``controller.hello``               publish    controller -> workers when it starts: re-register
                                               and resync (a restarted controller recovers)
+``controller.hello.<inst>.<w>``    publish    controller -> one worker it does not know (a
+                                              ``Hello`` naming that worker's epoch): register
+                                              again; no other worker is disturbed
+``goodbye.<inst>.<w>``             publish    worker -> controller when it stops cleanly
+                                              (``WorkerIdentity``): leave the index at once
 =================================  =========  =================================================
 
 Ordering and loss: ``EventBatch.seq`` counts a worker's batches per location from 1, within one
@@ -105,12 +110,21 @@ def register_topic(instance_id: str, worker_id: int) -> str:
     return f"register.{topic_token(instance_id)}.{worker_id}"
 
 
+def hello_topic(instance_id: str, worker_id: int) -> str:
+    return f"{HELLO_TOPIC}.{topic_token(instance_id)}.{worker_id}"
+
+
+def goodbye_topic(instance_id: str, worker_id: int) -> str:
+    return f"goodbye.{topic_token(instance_id)}.{worker_id}"
+
+
 #: where protocol 2 and older workers registered: the controller answers them with a refusal
 LEGACY_REGISTER_TOPIC = "register"
 HELLO_TOPIC = "controller.hello"
 REGISTER_WILDCARD = "register.*.*"
 EVENTS_WILDCARD = "events.*.*"
 HEARTBEAT_WILDCARD = "heartbeat.*.*"
+GOODBYE_WILDCARD = "goodbye.*.*"
 
 
 @dataclass(frozen=True)
@@ -123,12 +137,12 @@ class WorkerTopics:
 
 
 def worker_topics(instance_id: str) -> WorkerTopics:
-    """Topics of every rank of ``instance_id``: it publishes its events, heartbeats and
-    registrations, and listens to its commands and to the controller's hello."""
+    """Topics of every rank of ``instance_id``: it publishes its events, heartbeats,
+    registrations and goodbyes, and listens to its commands and to the controller's hellos."""
     token = topic_token(instance_id)
     return WorkerTopics(
-        publish=(f"events.{token}.*", f"heartbeat.{token}.*", f"register.{token}.*"),
-        subscribe=(f"cmd.{token}.*", HELLO_TOPIC),
+        publish=tuple(f"{kind}.{token}.*" for kind in ("events", "heartbeat", "register", "goodbye")),
+        subscribe=(f"cmd.{token}.*", HELLO_TOPIC, f"{HELLO_TOPIC}.{token}.*"),
     )
 
 
@@ -230,6 +244,16 @@ class EventBatch(WireModel):
                 f"hashes {len(hashes)}, tokens {len(tokens)}"
             )
         return kinds, hashes, tokens
+
+
+class Hello(WireModel):
+    """The controller asks workers to register again and resync."""
+
+    epoch: str | None = Field(
+        None,
+        description="On one worker's own hello topic: the run it is meant for (a worker of "
+        "another epoch on that topic, a duplicate, ignores it); None: every worker.",
+    )
 
 
 class Heartbeat(WorkerIdentity):

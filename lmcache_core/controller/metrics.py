@@ -84,6 +84,9 @@ class ControllerMetrics:
         self.workers_expired = Counter(
             "lmcache_controller_workers_expired", "Workers dropped after missing heartbeats.", registry=r
         )
+        self.workers_left = Counter(
+            "lmcache_controller_workers_left", "Workers removed on their goodbye (a clean stop).", registry=r
+        )
         self.worker_removal_seconds = Histogram(
             "lmcache_controller_worker_removal_seconds",
             "Time to remove a dead worker's entries from the index.",

@@ -14,7 +14,14 @@ Workers speak the protocol of ``lmcache_core.wire``:
 * ``heartbeat.<inst>.<w>``: liveness plus ``last_seq`` per location. A sequence number a
   heartbeat announced that is still not applied by the next heartbeat means batches were lost
   (a broker restart, a full buffer): resync. A worker silent for
-  ``controller_heartbeat_timeout`` seconds leaves the index (``remove_holder``).
+  ``controller_heartbeat_timeout`` seconds leaves the index (``remove_holder``). A heartbeat
+  from a run the controller does not know gets a hello on that worker's own topic, naming its
+  epoch: it alone registers again.
+* ``goodbye.<inst>.<w>``: a worker stopping cleanly leaves the index at once.
+
+A registration of a new epoch while another epoch of the same rank is alive (heard from within
+``controller_heartbeat_timeout``) is a second instance with the same id: it is refused, logged
+on both sides, and the running one keeps its entries.
 
 Every message must name, inside it, the instance and rank its topic names (and a command's
 reply the worker asked): anything else is refused and logged, so credentials that may publish
@@ -60,6 +67,7 @@ from lmcache_core.keys import HASH_SCHEME, TokenHasher, as_token_array
 from lmcache_core.transport import Message, MessageBus, Subscription
 from lmcache_core.wire import (
     EVENTS_WILDCARD,
+    GOODBYE_WILDCARD,
     HEARTBEAT_WILDCARD,
     HELLO_TOPIC,
     LEGACY_REGISTER_TOPIC,
@@ -71,14 +79,18 @@ from lmcache_core.wire import (
     EventBatch,
     HashingParams,
     Heartbeat,
+    Hello,
     PingCommand,
     RegistrationAck,
     ResyncCommand,
     WireModel,
+    WorkerIdentity,
     WorkerRegistration,
     command_topic,
     events_topic,
+    goodbye_topic,
     heartbeat_topic,
+    hello_topic,
     register_topic,
 )
 
@@ -88,8 +100,10 @@ log = logging.getLogger(__name__)
 SUPPORTED_SCHEMES = frozenset({HASH_SCHEME})
 #: events of each kind remembered for /check_finish (oldest forgotten first)
 EVENT_HISTORY = 65_536
-#: fewest seconds between two hellos the controller sends for unknown workers' heartbeats
+#: fewest seconds between two hellos the controller sends to one unknown worker
 HELLO_MIN_INTERVAL = 1.0
+#: unknown workers whose last hello time is remembered (beyond it, the oldest are forgotten)
+_HELLO_MEMORY = 4096
 
 HashingKey = tuple[str, int, str]  # scheme, chunk_size, namespace
 
@@ -224,7 +238,8 @@ class Controller:
         self._layout = LayoutTable()
         self._subscriptions: list[Subscription] = []
         self._tg: TaskGroup | None = None
-        self._last_hello = 0.0
+        #: (instance, rank, epoch) of an unknown run -> when it was last asked to register
+        self._asked: OrderedDict[tuple[str, int, str], float] = OrderedDict()
         #: rank -> epoch of its latest refused registration (one entry per rank at most)
         self._refused: dict[tuple[str, int], str] = {}
 
@@ -238,6 +253,7 @@ class Controller:
             await bus.subscribe(LEGACY_REGISTER_TOPIC, self._on_legacy_register),
             await bus.subscribe(EVENTS_WILDCARD, self._on_events),
             await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat),
+            await bus.subscribe(GOODBYE_WILDCARD, self._on_goodbye),
         ]
         bus.on_reconnect(self._say_hello)  # batches may have been lost while we were away
         await bus.flush()
@@ -255,11 +271,26 @@ class Controller:
 
     async def _say_hello(self) -> None:
         """Ask every worker to register again and resync (a restarted controller recovers)."""
-        self._last_hello = time.monotonic()
         try:
-            await self.bus.publish(HELLO_TOPIC, WireModel().encode())
+            await self.bus.publish(HELLO_TOPIC, Hello().encode())
         except TransportError as exc:
             log.warning("cannot publish controller.hello: %s", exc)
+
+    async def _ask_to_register(self, ident: WorkerIdentity) -> None:
+        """Ask one run of one worker, and nobody else, to register again (at most once a second)."""
+        run = (ident.instance_id, ident.worker_id, ident.epoch)
+        now = time.monotonic()
+        if now - self._asked.get(run, -HELLO_MIN_INTERVAL) < HELLO_MIN_INTERVAL:
+            return
+        self._asked[run] = now
+        self._asked.move_to_end(run)
+        while len(self._asked) > _HELLO_MEMORY:
+            self._asked.popitem(last=False)
+        topic = hello_topic(ident.instance_id, ident.worker_id)
+        try:
+            await self.bus.publish(topic, Hello(epoch=ident.epoch).encode())
+        except TransportError as exc:
+            log.warning("cannot publish %s: %s", topic, exc)
 
     async def _housekeeping(self) -> None:
         """Drop workers whose heartbeats stopped."""
@@ -342,18 +373,34 @@ class Controller:
     def register(self, reg: WorkerRegistration) -> RegistrationAck:
         """Record a worker (a new epoch empties what it held); the ack asks for its inventory."""
         key = (reg.instance_id, reg.worker_id)
+        old = self.workers.get(key)
+        now = time.monotonic()
         refusal = None
         if reg.version != PROTOCOL_VERSION:
             refusal = f"protocol version {reg.version} is not supported; this controller speaks {PROTOCOL_VERSION}"
         elif reg.hashing.scheme not in SUPPORTED_SCHEMES:
             refusal = f"hash scheme '{reg.hashing.scheme}' is not supported; known: {', '.join(sorted(SUPPORTED_SCHEMES))}"
+        elif (
+            old is not None
+            and old.epoch != reg.epoch
+            and now - old.last_seen < self.settings.controller_heartbeat_timeout
+        ):
+            running = old.registration
+            refusal = (
+                f"instance id '{reg.instance_id}' rank {reg.worker_id} belongs to a running worker "
+                f"(host {running.host or '?'}, pid {running.pid}); give each instance its own "
+                "lmcache_instance_id (this one is retried, and accepted once that worker is gone)"
+            )
         if refusal is not None:
-            self._refused[key] = reg.epoch  # its heartbeats must not make every worker resync
+            if self._refused.get(key) != reg.epoch:  # once per run, not once per retry
+                log.error(
+                    "refused worker %s/%d (epoch %s, host %s, pid %d): %s",
+                    reg.instance_id, reg.worker_id, reg.epoch, reg.host or "?", reg.pid, refusal,
+                )
+            self._refused[key] = reg.epoch  # its heartbeats must not make it register again
             return RegistrationAck(accepted=False, resync=False, detail=refusal)
         self._refused.pop(key, None)
         hashing: HashingKey = (reg.hashing.scheme, reg.hashing.chunk_size, reg.hashing.namespace)
-        old = self.workers.get(key)
-        now = time.monotonic()
         if old is not None and old.epoch == reg.epoch and old.hashing == hashing:
             # the same run registering again (hello, reconnect): keep what is applied, but it
             # will resync, so wait for the reset
@@ -397,6 +444,31 @@ class Controller:
         self.metrics.registrations.inc()
         log.info("worker %s registered (epoch %s, locations %s)", worker.name, reg.epoch, list(locations))
         return RegistrationAck(accepted=True, resync=True)
+
+    async def _on_goodbye(self, msg: Message) -> None:
+        try:
+            ident = WorkerIdentity.decode(msg.payload)
+        except ValidationError as exc:
+            log.warning("ignoring a malformed goodbye on %s: %s", msg.topic, exc)
+            return
+        if self._claims_its_topic(msg, goodbye_topic(ident.instance_id, ident.worker_id), "goodbye", ident):
+            self.goodbye(ident)
+
+    def goodbye(self, ident: WorkerIdentity) -> bool:
+        """A worker stopped cleanly: it leaves the index now; whether it was registered.
+
+        Only the run named leaves: a refused duplicate's goodbye never removes the running one.
+        """
+        key = (ident.instance_id, ident.worker_id)
+        if self._refused.get(key) == ident.epoch:
+            del self._refused[key]
+        worker = self.workers.get(key)
+        if worker is None or worker.epoch != ident.epoch:
+            return False
+        self._forget_worker(worker)
+        self.metrics.workers_left.inc()
+        log.info("worker %s stopped; removed from the index", worker.name)
+        return True
 
     def _describe_instance(self, instance_id: str) -> None:
         """Tell the layout table an instance's world size and location names (rank 0's, or the lowest rank's)."""
@@ -482,11 +554,10 @@ class Controller:
         """Note a worker is alive; resync locations whose announced batches never arrived."""
         worker = self.workers.get((beat.instance_id, beat.worker_id))
         if worker is None or worker.epoch != beat.epoch:
-            # a worker we do not know (we restarted, or dropped it while it was unreachable);
-            # a hello for one we refused would only make every other worker resync
-            refused = self._refused.get((beat.instance_id, beat.worker_id)) == beat.epoch
-            if not refused and time.monotonic() - self._last_hello >= HELLO_MIN_INTERVAL:
-                await self._say_hello()
+            # a run we do not know (we restarted, or dropped it while it was unreachable): it
+            # alone registers again; one we refused (a duplicate) is not asked
+            if self._refused.get((beat.instance_id, beat.worker_id)) != beat.epoch:
+                await self._ask_to_register(beat)
             return
         worker.last_seen = time.monotonic()
         worker.last_heartbeat_time = time.time()

@@ -26,6 +26,7 @@ from lmcache_core.wire import (
     WorkerRegistration,
     command_topic,
     events_topic,
+    goodbye_topic,
     heartbeat_topic,
     register_topic,
 )
@@ -116,6 +117,10 @@ class SyntheticWorker:
             last_seq=dict(self.seq) if last_seq is None else last_seq,
         )
         await self.bus.publish(heartbeat_topic(self.ident.instance_id, self.ident.worker_id), beat.encode())
+
+    async def goodbye(self) -> None:
+        """Say this run stops (as a worker closing cleanly does)."""
+        await self.bus.publish(goodbye_topic(self.ident.instance_id, self.ident.worker_id), self.ident.encode())
 
     async def aclose(self) -> None:
         sub, self._sub = self._sub, None
