@@ -13,7 +13,15 @@ import pytest
 
 from lmcache_core.errors import ConfigError, RequestTimeout, TransportError
 from lmcache_core.testing import free_port, running_nats_server
-from lmcache_core.wire import HELLO_TOPIC, command_topic, events_topic, heartbeat_topic, register_topic
+from lmcache_core.wire import (
+    HELLO_TOPIC,
+    command_topic,
+    events_topic,
+    goodbye_topic,
+    heartbeat_topic,
+    hello_topic,
+    register_topic,
+)
 from lmcache_transport_nats import NatsSettings, connect, embedded_server, find_nats_server_binary
 from lmcache_transport_nats.auth import authorization, is_loopback
 
@@ -105,22 +113,28 @@ async def test_an_instance_registers_reports_and_answers_commands_with_its_own_c
 ):
     controller = await open_bus(fleet_server.url, **AS_CONTROLLER)
     seen = Recorder()
-    await controller.subscribe("register.*.*", seen)
-    await controller.subscribe("heartbeat.*.*", seen)
+    for topic in ("register.*.*", "heartbeat.*.*", "goodbye.*.*"):
+        await controller.subscribe(topic, seen)
     worker = await open_bus(fleet_server.url, **AS_B)
     await worker.subscribe(command_topic("inst.b", 1), Recorder())
     hello = Recorder()
     await worker.subscribe(HELLO_TOPIC, hello)
+    await worker.subscribe(hello_topic("inst.b", 1), hello)
     assert await worker.request(register_topic("inst.b", 1), b"{}", timeout=5) == b"ok"
     await worker.publish(heartbeat_topic("inst.b", 1), b"{}")
+    await worker.publish(goodbye_topic("inst.b", 1), b"{}")
     await worker.flush()
     assert await controller.request(command_topic("inst.b", 1), b"ping", timeout=5) == b"ok"
     await controller.publish(HELLO_TOPIC, b"{}")
+    await controller.publish(hello_topic("inst.b", 1), b"{}")
     await controller.flush()
     with anyio.fail_after(5):
-        while not hello.topics or len(seen.topics) < 2:
+        while len(hello.topics) < 2 or len(seen.topics) < 3:
             await anyio.sleep(0.01)
-    assert seen.topics == [register_topic("inst.b", 1), heartbeat_topic("inst.b", 1)]
+    assert sorted(seen.topics) == sorted(
+        [register_topic("inst.b", 1), heartbeat_topic("inst.b", 1), goodbye_topic("inst.b", 1)]
+    )
+    assert sorted(hello.topics) == sorted([HELLO_TOPIC, hello_topic("inst.b", 1)])
 
 
 async def test_the_embedded_server_refuses_to_run_open_beyond_loopback():
