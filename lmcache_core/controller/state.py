@@ -34,8 +34,9 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 import numpy as np
@@ -106,6 +107,7 @@ HELLO_MIN_INTERVAL = 1.0
 _HELLO_MEMORY = 4096
 
 HashingKey = tuple[str, int, str]  # scheme, chunk_size, namespace
+_Claim = TypeVar("_Claim", bound=WorkerIdentity)
 
 
 @dataclass
@@ -353,6 +355,20 @@ class Controller:
         log.warning("refused a registration on '%s' (an older protocol)", msg.topic)
         await self._respond(msg, RegistrationAck(accepted=False, resync=False, detail=detail))
 
+    def _decode_claim(
+        self, msg: Message, model: type[_Claim], topic_of: Callable[[str, int], str], what: str
+    ) -> _Claim | None:
+        """``msg`` as ``model`` when it parses and names the worker its topic names; else None
+        (logged)."""
+        try:
+            claim = model.decode(msg.payload)
+        except ValidationError as exc:
+            log.warning("ignoring a malformed %s on %s: %s", what, msg.topic, exc)
+            return None
+        if not self._claims_its_topic(msg, topic_of(claim.instance_id, claim.worker_id), what, claim):
+            return None
+        return claim
+
     def _claims_its_topic(self, msg: Message, expected: str, what: str, claim: Any) -> bool:
         """Whether ``msg`` arrived on the topic of the identity it claims; logs a refusal if not."""
         if msg.topic == expected:
@@ -446,12 +462,8 @@ class Controller:
         return RegistrationAck(accepted=True, resync=True)
 
     async def _on_goodbye(self, msg: Message) -> None:
-        try:
-            ident = WorkerIdentity.decode(msg.payload)
-        except ValidationError as exc:
-            log.warning("ignoring a malformed goodbye on %s: %s", msg.topic, exc)
-            return
-        if self._claims_its_topic(msg, goodbye_topic(ident.instance_id, ident.worker_id), "goodbye", ident):
+        ident = self._decode_claim(msg, WorkerIdentity, goodbye_topic, "goodbye")
+        if ident is not None:
             self.goodbye(ident)
 
     def goodbye(self, ident: WorkerIdentity) -> bool:
@@ -542,12 +554,8 @@ class Controller:
         return True
 
     async def _on_heartbeat(self, msg: Message) -> None:
-        try:
-            beat = Heartbeat.decode(msg.payload)
-        except ValidationError as exc:
-            log.warning("ignoring a malformed heartbeat on %s: %s", msg.topic, exc)
-            return
-        if self._claims_its_topic(msg, heartbeat_topic(beat.instance_id, beat.worker_id), "heartbeat", beat):
+        beat = self._decode_claim(msg, Heartbeat, heartbeat_topic, "heartbeat")
+        if beat is not None:
             await self.heartbeat(beat)
 
     async def heartbeat(self, beat: Heartbeat) -> None:
