@@ -26,7 +26,7 @@ from lmcache_core.wire import (
     register_topic,
 )
 from lmcache_transport_nats import NatsServerProcess, NatsSettings, connect
-from lmcache_transport_nats.auth import authorization
+from lmcache_transport_nats.auth import authorization, new_nkey
 
 from .support import PROMPT, ControllerRunner, Instance, InstanceProcess, controller_settings, read_json_line, stop_process, wait_for
 
@@ -115,19 +115,32 @@ def test_controller_on_a_public_host_without_bus_credentials_exits_2_naming_the_
     assert lines[0].startswith("lmcache_controller: error:")
 
 
-def test_secured_multi_machine_setup_of_the_readme_serves_lookups(tmp_path: Path) -> None:
+@pytest.mark.parametrize("credential", ["password", "nkey"])
+def test_secured_multi_machine_setup_of_the_readme_serves_lookups(tmp_path: Path, credential: str) -> None:
     controller_yaml = tmp_path / "controller.yaml"
-    controller_yaml.write_text(
-        "nats_user: lmcache-controller\n"
-        "nats_password: ctl-secret\n"
-        "nats_instance_passwords:\n"
-        "  inst-a: a-secret\n"
-    )
     instance_yaml = tmp_path / "instance.yaml"
     instance_yaml.write_text(
         "chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 0.05\nenable_controller: true\n"
-        "lmcache_instance_id: inst-a\nnats_user: inst-a\nnats_password: a-secret\n"
+        "lmcache_instance_id: inst-a\n"
     )
+    if credential == "password":
+        controller_yaml.write_text(
+            "nats_user: lmcache-controller\n"
+            "nats_password: ctl-secret\n"
+            "nats_instance_passwords:\n"
+            "  inst-a: a-secret\n"
+        )
+        with instance_yaml.open("a") as out:
+            out.write("nats_user: inst-a\nnats_password: a-secret\n")
+    else:  # no shared secret anywhere: each side holds its own seed, the controller public keys
+        controller_seed, instance_seed = tmp_path / "controller.nk", tmp_path / "inst-a.nk"
+        new_nkey(controller_seed)
+        controller_yaml.write_text(
+            f"nats_nkey_seed_file: {controller_seed}\n"
+            f"nats_instance_nkeys:\n  inst-a: {new_nkey(instance_seed)}\n"
+        )
+        with instance_yaml.open("a") as out:
+            out.write(f"nats_nkey_seed_file: {instance_seed}\n")
     port, monitor = free_port(), free_port()
     controller = subprocess.Popen(
         [*CLI, "--host", "0.0.0.0", "--port", str(port), "--monitor-port", str(monitor),

@@ -23,7 +23,7 @@ from lmcache_core.wire import (
     register_topic,
 )
 from lmcache_transport_nats import NatsSettings, connect, embedded_server, find_nats_server_binary
-from lmcache_transport_nats.auth import authorization, is_loopback
+from lmcache_transport_nats.auth import authorization, is_loopback, new_nkey
 
 pytestmark = pytest.mark.anyio
 
@@ -156,11 +156,16 @@ def test_loopback_hosts_are_told_from_the_rest():
 @pytest.mark.parametrize(
     ("settings", "problem"),
     [
-        ({"nats_instance_passwords": {"a": "x"}}, "need nats_user"),
-        ({"nats_user": "c", "nats_password": "p", "nats_token": "t"}, "either nats_token or nats_user"),
+        ({"nats_instance_passwords": {"a": "x"}}, "need the controller's own bus user"),
+        ({"nats_user": "c", "nats_password": "p", "nats_token": "t"}, "either nats_token or the controller's"),
         ({"nats_user": "c"}, "non-empty nats_password"),
         ({"nats_user": "a", "nats_password": "p", "nats_instance_passwords": {"a": "x"}}, "name of its own"),
         ({"nats_user": "c", "nats_password": "p", "nats_instance_passwords": {"a": ""}}, "is empty"),
+        (
+            {"nats_user": "c", "nats_password": "p", "nats_instance_passwords": {"a": "x"},
+             "nats_instance_nkeys": {"a": "U" + "A" * 55}},
+            "in both",
+        ),
     ],
 )
 def test_credentials_a_server_cannot_serve_are_a_config_error_naming_the_keys(settings, problem):
@@ -195,3 +200,52 @@ def test_auth_module_prints_a_configuration_nats_server_accepts(tmp_path: Path):
     )
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "nats_user" in refused.stderr
+
+
+async def test_nkey_users_sign_in_without_a_shared_secret_and_keep_their_roles(tmp_path: Path, open_bus):
+    controller_seed, a_seed, stranger_seed = (tmp_path / f"{name}.nk" for name in ("ctl", "a", "stranger"))
+    new_nkey(controller_seed)
+    a_public = new_nkey(a_seed)
+    new_nkey(stranger_seed)
+    fleet = NatsSettings(
+        nats_nkey_seed_file=controller_seed,
+        nats_instance_nkeys={"inst-a": a_public},
+        nats_instance_passwords={"inst.b": "b-secret"},
+    )
+    block = authorization(fleet)
+    assert controller_seed.read_text().strip() not in json.dumps(block)  # public keys only
+    with running_nats_server(authorization=block) as server:
+        controller = await open_bus(server.url, nats_nkey_seed_file=controller_seed)
+        seen = Recorder()
+        await controller.subscribe("register.*.*", seen)
+        await controller.subscribe("events.>", seen)
+        worker = await open_bus(server.url, nats_nkey_seed_file=a_seed)
+        # its reply comes back through its own inbox, _INBOX.<public key>
+        assert await worker.request(register_topic("inst-a", 0), b"{}", timeout=5) == b"ok"
+        await worker.publish(events_topic("inst.b", 0), b"{}")  # refused by the server
+        await worker.publish(events_topic("inst-a", 0), b"{}")
+        await worker.flush()
+        with anyio.fail_after(5):
+            while len(seen.topics) < 2:
+                await anyio.sleep(0.01)
+        assert seen.topics == [register_topic("inst-a", 0), events_topic("inst-a", 0)]
+        with pytest.raises(TransportError, match="refused"):
+            await connect(NatsSettings(nats_nkey_seed_file=stranger_seed), server.url)
+
+
+def test_new_nkey_writes_a_private_seed_once_and_prints_its_public_key(tmp_path: Path):
+    seed = tmp_path / "inst-a.nk"
+    command = [sys.executable, "-m", "lmcache_transport_nats.auth_config", "--new-nkey", str(seed)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    public = done.stdout.strip()
+    assert public.startswith("U") and len(public) == 56
+    assert seed.stat().st_mode & 0o777 == 0o600 and seed.read_text().startswith("SU")
+    assert NatsSettings(nats_instance_nkeys={"inst-a": public}).nats_instance_nkeys == {"inst-a": public}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "File exists" in again.stderr and again.stderr.count("\n") == 1
+
+
+def test_a_malformed_public_nkey_is_a_settings_error():
+    with pytest.raises(ValueError, match="public user nkey"):
+        NatsSettings(nats_instance_nkeys={"inst-a": "SUAB"})
