@@ -5,9 +5,9 @@ exception is ``hash_lookup`` given a snapshot of hashers: it reads no shared sta
 lookup hashes in a worker thread.
 Workers speak the protocol of ``lmcache_core.wire``:
 
-* ``register.<inst>.<w>`` (request): a worker's identity, hashing and locations; a new ``epoch`` (the worker
-  restarted) empties what the index held for it. The ack asks for a resync, which arrives as
-  event batches whose first has ``reset=True``.
+* ``register.<inst>.<w>`` (request): a worker's identity, hashing and locations; a new
+  ``epoch`` (the worker restarted) empties what the index held for it. The ack asks for a
+  resync, which arrives as event batches whose first has ``reset=True``.
 * ``events.<inst>.<w>``: ordered ``EventBatch``es per location. A batch whose ``seq`` is not the
   next one is a gap: the controller asks that worker for a resync and ignores its batches at
   that location until the reset arrives. Batches at or below what a clear covered are ignored.
