@@ -60,8 +60,8 @@ def running_nats_server(
 
     Yields the server: ``.url``, ``.port``, ``.pid``, ``.stop()`` and ``.start()`` (which
     restarts it on the same port, for reconnect tests). ``options`` go to
-    ``NatsServerProcess`` (``user``/``password``, ``token``, ``args``). Needs the NATS
-    transport plugin; without it ``PluginError`` says what to install.
+    ``NatsServerProcess`` (``authorization``, ``user``/``password``, ``token``, ``args``).
+    Needs the NATS transport plugin; without it ``PluginError`` says what to install.
     """
     server = _nats_server_class()(host, port, **options)
     server.start()

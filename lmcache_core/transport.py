@@ -85,13 +85,15 @@ class TransportSpec:
     """What a transport plugin registers through ``lmcache_transports``.
 
     ``connect(settings, url)`` opens a bus to ``url`` (``None``: the URL its settings name).
-    ``embedded_server(host, port)``, when given, is an async context manager that runs a server
-    of this transport for the controller's ``--monitor-port`` and stops it on exit.
+    ``embedded_server(settings, host, port)``, when given, is an async context manager that runs
+    a server of this transport for the controller's ``--monitor-port`` (with the credentials and
+    roles its settings name; ``ConfigError`` when it would be open to the network) and stops it
+    on exit.
     """
 
     name: str
     connect: Callable[["LMCacheSettings", str | None], Awaitable[MessageBus]]
-    embedded_server: Callable[[str, int], AbstractAsyncContextManager[str]] | None = None
+    embedded_server: Callable[["LMCacheSettings", str, int], AbstractAsyncContextManager[str]] | None = None
     settings_model: type[BaseModel] | None = None
     description: str = ""
     plugin: str = field(default="", compare=False)

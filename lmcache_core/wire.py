@@ -8,7 +8,7 @@ Topics (``<inst>`` and ``<w>`` are ``topic_token(instance_id)`` and the worker r
 id must encode to at most ``MAX_TOPIC_TOKEN`` bytes, see ``check_instance_id``):
 
 =================================  =========  =================================================
-``register``                       request    worker -> controller: ``WorkerRegistration`` ->
+``register.<inst>.<w>``            request    worker -> controller: ``WorkerRegistration`` ->
                                               ``RegistrationAck``
 ``events.<inst>.<w>``              publish    worker -> controller: ``EventBatch``
 ``heartbeat.<inst>.<w>``           publish    worker -> controller: ``Heartbeat``
@@ -17,6 +17,11 @@ id must encode to at most ``MAX_TOPIC_TOKEN`` bytes, see ``check_instance_id``):
 ``cmd.<inst>.*`` / ``cmd.*.*``     request    fan-out helpers may also address every rank
 ``controller.hello``               publish    controller -> workers when it starts: re-register
                                               and resync (a restarted controller recovers)
+``controller.hello.<inst>.<w>``    publish    controller -> one worker it does not know (a
+                                              ``Hello`` naming that worker's epoch): register
+                                              again; no other worker is disturbed
+``goodbye.<inst>.<w>``             publish    worker -> controller when it stops cleanly
+                                              (``WorkerIdentity``): leave the index at once
 =================================  =========  =================================================
 
 Ordering and loss: ``EventBatch.seq`` counts a worker's batches per location from 1, within one
@@ -26,20 +31,28 @@ location's whole inventory as batches whose first has ``reset=True``, continuing
 numbering, so the receiver converges to what the worker holds. Applying an admit twice or
 evicting an absent chunk is harmless by design, so replays converge.
 
-Versions: 2 escapes instance ids in topics byte by byte (``a.b`` -> ``a%2Eb``), so distinct ids
-never share a topic; 1 hex-encoded a whole id that was not plain, so ``a.b`` and a literal
+Identity: every topic a worker publishes on names its instance and rank, and the receiver
+checks that the ids inside the message are the ones its topic names, so a bus that lets each
+instance publish only its own topics (``worker_topics``: NATS authorization permissions) also
+stops it from speaking for another.
+
+Versions: 3 puts the instance and rank into the registration topic (``register.<inst>.<w>``,
+was ``register``), so bus permissions tell one instance's registrations from another's; 2
+escapes instance ids in topics byte by byte (``a.b`` -> ``a%2Eb``), so distinct ids never share
+a topic; 1 hex-encoded a whole id that was not plain, so ``a.b`` and a literal
 ``x612e62`` shared one.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: characters a topic token keeps as they are; every other byte is escaped as ``%XX``
 _PLAIN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -93,10 +106,44 @@ def command_topic(instance_id: str, worker_id: int) -> str:
     return f"cmd.{topic_token(instance_id)}.{worker_id}"
 
 
-REGISTER_TOPIC = "register"
+def register_topic(instance_id: str, worker_id: int) -> str:
+    return f"register.{topic_token(instance_id)}.{worker_id}"
+
+
+def hello_topic(instance_id: str, worker_id: int) -> str:
+    return f"{HELLO_TOPIC}.{topic_token(instance_id)}.{worker_id}"
+
+
+def goodbye_topic(instance_id: str, worker_id: int) -> str:
+    return f"goodbye.{topic_token(instance_id)}.{worker_id}"
+
+
+#: where protocol 2 and older workers registered: the controller answers them with a refusal
+LEGACY_REGISTER_TOPIC = "register"
 HELLO_TOPIC = "controller.hello"
+REGISTER_WILDCARD = "register.*.*"
 EVENTS_WILDCARD = "events.*.*"
 HEARTBEAT_WILDCARD = "heartbeat.*.*"
+GOODBYE_WILDCARD = "goodbye.*.*"
+
+
+@dataclass(frozen=True)
+class WorkerTopics:
+    """The topic patterns the workers of one instance use (any rank): what a bus with
+    permissions lets that instance's credentials publish and subscribe to, and nothing more."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+def worker_topics(instance_id: str) -> WorkerTopics:
+    """Topics of every rank of ``instance_id``: it publishes its events, heartbeats,
+    registrations and goodbyes, and listens to its commands and to the controller's hellos."""
+    token = topic_token(instance_id)
+    return WorkerTopics(
+        publish=tuple(f"{kind}.{token}.*" for kind in ("events", "heartbeat", "register", "goodbye")),
+        subscribe=(f"cmd.{token}.*", HELLO_TOPIC, f"{HELLO_TOPIC}.{token}.*"),
+    )
 
 
 class WireModel(BaseModel):
@@ -197,6 +244,16 @@ class EventBatch(WireModel):
                 f"hashes {len(hashes)}, tokens {len(tokens)}"
             )
         return kinds, hashes, tokens
+
+
+class Hello(WireModel):
+    """The controller asks workers to register again and resync."""
+
+    epoch: str | None = Field(
+        None,
+        description="On one worker's own hello topic: the run it is meant for (a worker of "
+        "another epoch on that topic, a duplicate, ignores it); None: every worker.",
+    )
 
 
 class Heartbeat(WorkerIdentity):

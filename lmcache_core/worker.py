@@ -10,7 +10,9 @@ portal) whose task group owns every task. The worker
   never slowed by the bus;
 * heartbeats with the last batch number and chunk count per location;
 * answers ``clear``, ``lookup``, ``resync`` and ``ping`` commands on its command topic;
-* re-registers and resyncs when a controller says hello and after a transport reconnect.
+* re-registers and resyncs when a controller says hello (to every worker, or to this run on
+  its own hello topic) and after a transport reconnect;
+* says goodbye when it stops cleanly, so the controller drops its entries at once.
 
 Transport errors are logged and retried: the worker never takes the engine down.
 """
@@ -44,13 +46,13 @@ from lmcache_core.transport import Message, MessageBus
 from lmcache_core.wire import (
     HELLO_TOPIC,
     PROTOCOL_VERSION,
-    REGISTER_TOPIC,
     ClearCommand,
     CommandReply,
     CommandRequest,
     EventBatch,
     HashingParams,
     Heartbeat,
+    Hello,
     LookupCommand,
     PingCommand,
     RegistrationAck,
@@ -59,7 +61,10 @@ from lmcache_core.wire import (
     WorkerRegistration,
     command_topic,
     events_topic,
+    goodbye_topic,
     heartbeat_topic,
+    hello_topic,
+    register_topic,
 )
 
 if TYPE_CHECKING:
@@ -266,6 +271,8 @@ class WorkerHandle:
             # last chance for what the engine did just before closing to reach the controller
             with anyio.move_on_after(1.0):
                 await self._sync(1.0)
+            with anyio.move_on_after(1.0):
+                await self._say_goodbye()
             tg.cancel_scope.cancel()
 
     async def _connect_and_serve(self) -> None:
@@ -316,6 +323,7 @@ class WorkerHandle:
             bus.on_reconnect(self._on_reconnect)
             await bus.subscribe(self.topic, self._on_command)
             await bus.subscribe(HELLO_TOPIC, self._on_hello)
+            await bus.subscribe(hello_topic(self.identity.instance_id, self.identity.worker_id), self._on_hello)
             tg.start_soon(self._publish_loop)
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._registration_loop)
@@ -326,8 +334,26 @@ class WorkerHandle:
 
     # --- registration ------------------------------------------------------------------------
     async def _on_hello(self, msg: Message) -> None:
+        try:
+            hello = Hello.decode(msg.payload)
+        except ValidationError:
+            hello = Hello()  # an older controller's hello: meant for everyone
+        if hello.epoch is not None and hello.epoch != self.identity.epoch:
+            return  # meant for another run sharing this instance id and rank
         log.info("controller said hello; registering again")
         self._trigger_reregister()
+
+    async def _say_goodbye(self) -> None:
+        """Tell the controller this run stops, so it drops the entries now, not after a timeout."""
+        bus = self._bus
+        if bus is None or not self._registered.is_set():
+            return
+        topic = goodbye_topic(self.identity.instance_id, self.identity.worker_id)
+        try:
+            await bus.publish(topic, self.identity.encode())
+            await bus.flush(1.0)
+        except LMCacheError as exc:
+            log.info("could not say goodbye to the controller: %s", exc)
 
     async def _on_reconnect(self) -> None:
         log.info("bus reconnected; registering again")
@@ -347,10 +373,13 @@ class WorkerHandle:
         assert self._bus is not None and self._reregister is not None
         delay = 0.05
         quiet = False
+        refusal = ""
         while True:
             try:
                 reply = await self._bus.request(
-                    REGISTER_TOPIC, self.registration().encode(), timeout=_REGISTER_TIMEOUT
+                    register_topic(self.identity.instance_id, self.identity.worker_id),
+                    self.registration().encode(),
+                    timeout=_REGISTER_TIMEOUT,
                 )
                 ack = RegistrationAck.decode(reply)
             except (NoResponders, RequestTimeout) as exc:  # no controller yet: normal
@@ -373,7 +402,9 @@ class WorkerHandle:
                         self.identity.worker_id,
                     )
                     return
-                log.warning("controller refused registration: %s", ack.detail)
+                if ack.detail != refusal:  # once per reason, not once per retry
+                    log.error("the controller refused this worker's registration: %s", ack.detail)
+                    refusal = ack.detail
             with anyio.move_on_after(delay):
                 await self._reregister.wait()  # a hello retries at once
             if self._reregister.is_set():  # that retry answers it; a set event must not spin

@@ -66,6 +66,12 @@ class ControllerMetrics:
             ["reason"],
             registry=r,
         )
+        self.identity_refused = Counter(
+            "lmcache_controller_identity_refused",
+            "Messages refused because the ids inside differ from those their topic names.",
+            ["kind"],
+            registry=r,
+        )
         self.seq_gaps = Counter(
             "lmcache_controller_sequence_gaps", "Event-batch sequence gaps detected.", registry=r
         )
@@ -77,6 +83,9 @@ class ControllerMetrics:
         )
         self.workers_expired = Counter(
             "lmcache_controller_workers_expired", "Workers dropped after missing heartbeats.", registry=r
+        )
+        self.workers_left = Counter(
+            "lmcache_controller_workers_left", "Workers removed on their goodbye (a clean stop).", registry=r
         )
         self.worker_removal_seconds = Histogram(
             "lmcache_controller_worker_removal_seconds",

@@ -176,7 +176,7 @@ async def running_controller(
                     url = nats_url or settings.controller_address
                     if monitor_port is not None:
                         assert spec.embedded_server is not None
-                        url = await stack.enter_async_context(spec.embedded_server(host, monitor_port))
+                        url = await stack.enter_async_context(spec.embedded_server(settings, host, monitor_port))
                     bus = await spec.connect(settings, url)
                     stack.push_async_callback(bus.aclose)
             except TimeoutError:

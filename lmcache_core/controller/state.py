@@ -5,16 +5,27 @@ exception is ``hash_lookup`` given a snapshot of hashers: it reads no shared sta
 lookup hashes in a worker thread.
 Workers speak the protocol of ``lmcache_core.wire``:
 
-* ``register`` (request): a worker's identity, hashing and locations; a new ``epoch`` (the worker
-  restarted) empties what the index held for it. The ack asks for a resync, which arrives as
-  event batches whose first has ``reset=True``.
+* ``register.<inst>.<w>`` (request): a worker's identity, hashing and locations; a new
+  ``epoch`` (the worker restarted) empties what the index held for it. The ack asks for a
+  resync, which arrives as event batches whose first has ``reset=True``.
 * ``events.<inst>.<w>``: ordered ``EventBatch``es per location. A batch whose ``seq`` is not the
   next one is a gap: the controller asks that worker for a resync and ignores its batches at
   that location until the reset arrives. Batches at or below what a clear covered are ignored.
 * ``heartbeat.<inst>.<w>``: liveness plus ``last_seq`` per location. A sequence number a
   heartbeat announced that is still not applied by the next heartbeat means batches were lost
   (a broker restart, a full buffer): resync. A worker silent for
-  ``controller_heartbeat_timeout`` seconds leaves the index (``remove_holder``).
+  ``controller_heartbeat_timeout`` seconds leaves the index (``remove_holder``). A heartbeat
+  from a run the controller does not know gets a hello on that worker's own topic, naming its
+  epoch: it alone registers again.
+* ``goodbye.<inst>.<w>``: a worker stopping cleanly leaves the index at once.
+
+A registration of a new epoch while another epoch of the same rank is alive (heard from within
+``controller_heartbeat_timeout``) is a second instance with the same id: it is refused, logged
+on both sides, and the running one keeps its entries.
+
+Every message must name, inside it, the instance and rank its topic names (and a command's
+reply the worker asked): anything else is refused and logged, so credentials that may publish
+on one instance's topics never speak for another.
 """
 
 from __future__ import annotations
@@ -23,8 +34,9 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 import numpy as np
@@ -56,22 +68,31 @@ from lmcache_core.keys import HASH_SCHEME, TokenHasher, as_token_array
 from lmcache_core.transport import Message, MessageBus, Subscription
 from lmcache_core.wire import (
     EVENTS_WILDCARD,
+    GOODBYE_WILDCARD,
     HEARTBEAT_WILDCARD,
     HELLO_TOPIC,
+    LEGACY_REGISTER_TOPIC,
     PROTOCOL_VERSION,
-    REGISTER_TOPIC,
+    REGISTER_WILDCARD,
     ClearCommand,
     CommandReply,
     CommandRequest,
     EventBatch,
     HashingParams,
     Heartbeat,
+    Hello,
     PingCommand,
     RegistrationAck,
     ResyncCommand,
     WireModel,
+    WorkerIdentity,
     WorkerRegistration,
     command_topic,
+    events_topic,
+    goodbye_topic,
+    heartbeat_topic,
+    hello_topic,
+    register_topic,
 )
 
 log = logging.getLogger(__name__)
@@ -80,10 +101,13 @@ log = logging.getLogger(__name__)
 SUPPORTED_SCHEMES = frozenset({HASH_SCHEME})
 #: events of each kind remembered for /check_finish (oldest forgotten first)
 EVENT_HISTORY = 65_536
-#: fewest seconds between two hellos the controller sends for unknown workers' heartbeats
+#: fewest seconds between two hellos the controller sends to one unknown worker
 HELLO_MIN_INTERVAL = 1.0
+#: unknown workers whose last hello time is remembered (beyond it, the oldest are forgotten)
+_HELLO_MEMORY = 4096
 
 HashingKey = tuple[str, int, str]  # scheme, chunk_size, namespace
+_Claim = TypeVar("_Claim", bound=WorkerIdentity)
 
 
 @dataclass
@@ -216,7 +240,8 @@ class Controller:
         self._layout = LayoutTable()
         self._subscriptions: list[Subscription] = []
         self._tg: TaskGroup | None = None
-        self._last_hello = 0.0
+        #: (instance, rank, epoch) of an unknown run -> when it was last asked to register
+        self._asked: OrderedDict[tuple[str, int, str], float] = OrderedDict()
         #: rank -> epoch of its latest refused registration (one entry per rank at most)
         self._refused: dict[tuple[str, int], str] = {}
 
@@ -226,9 +251,11 @@ class Controller:
         self._tg = tg
         bus = self.bus
         self._subscriptions = [
-            await bus.subscribe(REGISTER_TOPIC, self._on_register),
+            await bus.subscribe(REGISTER_WILDCARD, self._on_register),
+            await bus.subscribe(LEGACY_REGISTER_TOPIC, self._on_legacy_register),
             await bus.subscribe(EVENTS_WILDCARD, self._on_events),
             await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat),
+            await bus.subscribe(GOODBYE_WILDCARD, self._on_goodbye),
         ]
         bus.on_reconnect(self._say_hello)  # batches may have been lost while we were away
         await bus.flush()
@@ -246,11 +273,26 @@ class Controller:
 
     async def _say_hello(self) -> None:
         """Ask every worker to register again and resync (a restarted controller recovers)."""
-        self._last_hello = time.monotonic()
         try:
-            await self.bus.publish(HELLO_TOPIC, WireModel().encode())
+            await self.bus.publish(HELLO_TOPIC, Hello().encode())
         except TransportError as exc:
             log.warning("cannot publish controller.hello: %s", exc)
+
+    async def _ask_to_register(self, ident: WorkerIdentity) -> None:
+        """Ask one run of one worker, and nobody else, to register again (at most once a second)."""
+        run = (ident.instance_id, ident.worker_id, ident.epoch)
+        now = time.monotonic()
+        if now - self._asked.get(run, -HELLO_MIN_INTERVAL) < HELLO_MIN_INTERVAL:
+            return
+        self._asked[run] = now
+        self._asked.move_to_end(run)
+        while len(self._asked) > _HELLO_MEMORY:
+            self._asked.popitem(last=False)
+        topic = hello_topic(ident.instance_id, ident.worker_id)
+        try:
+            await self.bus.publish(topic, Hello(epoch=ident.epoch).encode())
+        except TransportError as exc:
+            log.warning("cannot publish %s: %s", topic, exc)
 
     async def _housekeeping(self) -> None:
         """Drop workers whose heartbeats stopped."""
@@ -297,8 +339,46 @@ class Controller:
         except ValidationError as exc:
             await self._respond(msg, RegistrationAck(accepted=False, detail=f"bad registration: {exc}", resync=False))
             return
+        if not self._claims_its_topic(msg, register_topic(reg.instance_id, reg.worker_id), "registration", reg):
+            detail = f"a registration on '{msg.topic}' must be of the instance and rank it names"
+            await self._respond(msg, RegistrationAck(accepted=False, resync=False, detail=detail))
+            return
         ack = self.register(reg)
         await self._respond(msg, ack)
+
+    async def _on_legacy_register(self, msg: Message) -> None:
+        """Protocol 2 and older registered here: say why they are not heard."""
+        detail = (
+            f"this controller speaks protocol {PROTOCOL_VERSION}: workers register on "
+            f"'register.<instance>.<rank>'; upgrade lmcache-core on this instance"
+        )
+        log.warning("refused a registration on '%s' (an older protocol)", msg.topic)
+        await self._respond(msg, RegistrationAck(accepted=False, resync=False, detail=detail))
+
+    def _decode_claim(
+        self, msg: Message, model: type[_Claim], topic_of: Callable[[str, int], str], what: str
+    ) -> _Claim | None:
+        """``msg`` as ``model`` when it parses and names the worker its topic names; else None
+        (logged)."""
+        try:
+            claim = model.decode(msg.payload)
+        except ValidationError as exc:
+            log.warning("ignoring a malformed %s on %s: %s", what, msg.topic, exc)
+            return None
+        if not self._claims_its_topic(msg, topic_of(claim.instance_id, claim.worker_id), what, claim):
+            return None
+        return claim
+
+    def _claims_its_topic(self, msg: Message, expected: str, what: str, claim: Any) -> bool:
+        """Whether ``msg`` arrived on the topic of the identity it claims; logs a refusal if not."""
+        if msg.topic == expected:
+            return True
+        self.metrics.identity_refused.labels(what).inc()
+        log.warning(
+            "refused the %s on '%s': it claims to be %s/%s, whose topic is '%s'",
+            what, msg.topic, claim.instance_id, claim.worker_id, expected,
+        )
+        return False
 
     async def _respond(self, msg: Message, model: WireModel) -> None:
         try:
@@ -309,18 +389,34 @@ class Controller:
     def register(self, reg: WorkerRegistration) -> RegistrationAck:
         """Record a worker (a new epoch empties what it held); the ack asks for its inventory."""
         key = (reg.instance_id, reg.worker_id)
+        old = self.workers.get(key)
+        now = time.monotonic()
         refusal = None
         if reg.version != PROTOCOL_VERSION:
             refusal = f"protocol version {reg.version} is not supported; this controller speaks {PROTOCOL_VERSION}"
         elif reg.hashing.scheme not in SUPPORTED_SCHEMES:
             refusal = f"hash scheme '{reg.hashing.scheme}' is not supported; known: {', '.join(sorted(SUPPORTED_SCHEMES))}"
+        elif (
+            old is not None
+            and old.epoch != reg.epoch
+            and now - old.last_seen < self.settings.controller_heartbeat_timeout
+        ):
+            running = old.registration
+            refusal = (
+                f"instance id '{reg.instance_id}' rank {reg.worker_id} belongs to a running worker "
+                f"(host {running.host or '?'}, pid {running.pid}); give each instance its own "
+                "lmcache_instance_id (this one is retried, and accepted once that worker is gone)"
+            )
         if refusal is not None:
-            self._refused[key] = reg.epoch  # its heartbeats must not make every worker resync
+            if self._refused.get(key) != reg.epoch:  # once per run, not once per retry
+                log.error(
+                    "refused worker %s/%d (epoch %s, host %s, pid %d): %s",
+                    reg.instance_id, reg.worker_id, reg.epoch, reg.host or "?", reg.pid, refusal,
+                )
+            self._refused[key] = reg.epoch  # its heartbeats must not make it register again
             return RegistrationAck(accepted=False, resync=False, detail=refusal)
         self._refused.pop(key, None)
         hashing: HashingKey = (reg.hashing.scheme, reg.hashing.chunk_size, reg.hashing.namespace)
-        old = self.workers.get(key)
-        now = time.monotonic()
         if old is not None and old.epoch == reg.epoch and old.hashing == hashing:
             # the same run registering again (hello, reconnect): keep what is applied, but it
             # will resync, so wait for the reset
@@ -365,6 +461,27 @@ class Controller:
         log.info("worker %s registered (epoch %s, locations %s)", worker.name, reg.epoch, list(locations))
         return RegistrationAck(accepted=True, resync=True)
 
+    async def _on_goodbye(self, msg: Message) -> None:
+        ident = self._decode_claim(msg, WorkerIdentity, goodbye_topic, "goodbye")
+        if ident is not None:
+            self.goodbye(ident)
+
+    def goodbye(self, ident: WorkerIdentity) -> bool:
+        """A worker stopped cleanly: it leaves the index now; whether it was registered.
+
+        Only the run named leaves: a refused duplicate's goodbye never removes the running one.
+        """
+        key = (ident.instance_id, ident.worker_id)
+        if self._refused.get(key) == ident.epoch:
+            del self._refused[key]
+        worker = self.workers.get(key)
+        if worker is None or worker.epoch != ident.epoch:
+            return False
+        self._forget_worker(worker)
+        self.metrics.workers_left.inc()
+        log.info("worker %s stopped; removed from the index", worker.name)
+        return True
+
     def _describe_instance(self, instance_id: str) -> None:
         """Tell the layout table an instance's world size and location names (rank 0's, or the lowest rank's)."""
         ranks = self.instances.get(instance_id)
@@ -386,6 +503,9 @@ class Controller:
         except (ValidationError, ValueError) as exc:
             self.metrics.batches_ignored.labels("malformed").inc()
             log.warning("ignoring a malformed event batch on %s: %s", msg.topic, exc)
+            return
+        if not self._claims_its_topic(msg, events_topic(batch.instance_id, batch.worker_id), "event batch", batch):
+            self.metrics.batches_ignored.labels("identity").inc()
             return
         self.apply_batch(batch, arrays)
 
@@ -434,22 +554,18 @@ class Controller:
         return True
 
     async def _on_heartbeat(self, msg: Message) -> None:
-        try:
-            beat = Heartbeat.decode(msg.payload)
-        except ValidationError as exc:
-            log.warning("ignoring a malformed heartbeat on %s: %s", msg.topic, exc)
-            return
-        await self.heartbeat(beat)
+        beat = self._decode_claim(msg, Heartbeat, heartbeat_topic, "heartbeat")
+        if beat is not None:
+            await self.heartbeat(beat)
 
     async def heartbeat(self, beat: Heartbeat) -> None:
         """Note a worker is alive; resync locations whose announced batches never arrived."""
         worker = self.workers.get((beat.instance_id, beat.worker_id))
         if worker is None or worker.epoch != beat.epoch:
-            # a worker we do not know (we restarted, or dropped it while it was unreachable);
-            # a hello for one we refused would only make every other worker resync
-            refused = self._refused.get((beat.instance_id, beat.worker_id)) == beat.epoch
-            if not refused and time.monotonic() - self._last_hello >= HELLO_MIN_INTERVAL:
-                await self._say_hello()
+            # a run we do not know (we restarted, or dropped it while it was unreachable): it
+            # alone registers again; one we refused (a duplicate) is not asked
+            if self._refused.get((beat.instance_id, beat.worker_id)) != beat.epoch:
+                await self._ask_to_register(beat)
             return
         worker.last_seen = time.monotonic()
         worker.last_heartbeat_time = time.time()
@@ -504,9 +620,15 @@ class Controller:
         except TransportError as exc:
             raise WorkerUnavailableError(f"cannot reach worker {worker.name}: {exc}") from exc
         try:
-            return CommandReply.decode(raw)
+            reply = CommandReply.decode(raw)
         except ValidationError as exc:
             raise BadWorkerReplyError(f"worker {worker.name} sent an unreadable reply: {exc}") from exc
+        if (reply.instance_id, reply.worker_id) != (worker.instance_id, worker.worker_id):
+            log.warning("refused a reply on '%s' from %s/%s", topic, reply.instance_id, reply.worker_id)
+            raise BadWorkerReplyError(
+                f"worker {worker.name} was answered for by {reply.instance_id}/{reply.worker_id}"
+            )
+        return reply
 
     async def _fan_out(
         self, ranks: list[WorkerState], command: Any, event_id: str

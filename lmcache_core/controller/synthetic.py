@@ -16,7 +16,6 @@ from lmcache_core.events import EventKind
 from lmcache_core.keys import HASH_SCHEME
 from lmcache_core.transport import Message, MessageBus, Subscription
 from lmcache_core.wire import (
-    REGISTER_TOPIC,
     CommandReply,
     CommandRequest,
     EventBatch,
@@ -27,7 +26,9 @@ from lmcache_core.wire import (
     WorkerRegistration,
     command_topic,
     events_topic,
+    goodbye_topic,
     heartbeat_topic,
+    register_topic,
 )
 
 #: how a synthetic worker answers commands: a reply, or None to never answer
@@ -64,7 +65,9 @@ class SyntheticWorker:
         self._sub: Subscription | None = None
 
     async def register(self, timeout: float = 5.0) -> RegistrationAck:
-        raw = await self.bus.request(REGISTER_TOPIC, self.registration.encode(), timeout)
+        raw = await self.bus.request(
+            register_topic(self.ident.instance_id, self.ident.worker_id), self.registration.encode(), timeout
+        )
         return RegistrationAck.decode(raw)
 
     async def serve_commands(self, policy: CommandPolicy | None = None) -> None:
@@ -114,6 +117,10 @@ class SyntheticWorker:
             last_seq=dict(self.seq) if last_seq is None else last_seq,
         )
         await self.bus.publish(heartbeat_topic(self.ident.instance_id, self.ident.worker_id), beat.encode())
+
+    async def goodbye(self) -> None:
+        """Say this run stops (as a worker closing cleanly does)."""
+        await self.bus.publish(goodbye_topic(self.ident.instance_id, self.ident.worker_id), self.ident.encode())
 
     async def aclose(self) -> None:
         sub, self._sub = self._sub, None

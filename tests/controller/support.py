@@ -141,7 +141,7 @@ class Instance:
 
     def __init__(
         self, nats_url: str, instance_id: str, disk: Path, *, chunk_size: int = 4,
-        worker_id: int = 0, world_size: int = 1, model: str = "demo-model",
+        worker_id: int = 0, world_size: int = 1, model: str = "demo-model", **settings: Any,
     ) -> None:
         disk.mkdir(parents=True, exist_ok=True)
         self.settings = load_settings(
@@ -156,6 +156,7 @@ class Instance:
             enable_controller=True,
             controller_url=nats_url,
             lmcache_instance_id=instance_id,
+            **settings,
         )
         self.engine = CacheEngine(
             self.settings, EngineMetadata(model, world_size=world_size, worker_id=worker_id), start_worker=False

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 
 from lmcache_core.controller.server import ControllerHandle, running_controller
-from lmcache_core.controller.state import HELLO_MIN_INTERVAL
 from lmcache_core.controller.synthetic import SyntheticWorker
 from lmcache_core.events import EventKind
 from lmcache_core.keys import TokenHasher
 from lmcache_core.plugins import get_plugin_manager, resolve_transport
 from lmcache_core.transport import Message, MessageBus
-from lmcache_core.wire import HELLO_TOPIC, CommandRequest, EventBatch, Heartbeat
+from lmcache_core.wire import HELLO_TOPIC, CommandRequest, EventBatch, Heartbeat, Hello, hello_topic
 
 from .support import HEARTBEAT_TIMEOUT, controller_settings
 
@@ -137,6 +136,10 @@ async def test_a_new_epoch_registration_forgets_what_the_previous_run_held(rig: 
     worker = await rig.worker()
     await worker.publish(worker.batch(CPU, HASHES, reset=True))
     await rig.wait_lookup({"syn": [CPU, 1024]})
+    await worker.goodbye()  # a clean stop; a crashed run is replaced once its heartbeats stop
+    with anyio.fail_after(10):
+        while rig.handle.controller.workers:
+            await anyio.sleep(0.01)  # poll interval of a deadline-bounded poll
     restarted = await rig.worker()  # same instance and rank, fresh epoch
     assert restarted.ident.epoch != worker.ident.epoch
     assert await rig.lookup() == {}
@@ -156,19 +159,31 @@ async def test_a_silent_worker_leaves_the_index_after_the_heartbeat_timeout(rig:
     assert response.json() == {"instances": []}
 
 
-async def test_a_heartbeat_from_an_unknown_worker_makes_the_controller_say_hello(rig: Rig) -> None:
-    hellos: list[bytes] = []
+class HelloRecorder:
+    """Every hello the controller publishes, fleet-wide or to one worker, in order."""
 
-    async def on_hello(msg: Message) -> None:
-        hellos.append(msg.payload)
+    def __init__(self) -> None:
+        self.heard: list[tuple[str, Hello]] = []
 
-    await rig.bus.subscribe(HELLO_TOPIC, on_hello)
-    await rig.bus.flush()
+    async def __call__(self, msg: Message) -> None:
+        self.heard.append((msg.topic, Hello.decode(msg.payload)))
+
+    async def listen(self, bus: MessageBus) -> "HelloRecorder":
+        await bus.subscribe(f"{HELLO_TOPIC}.>", self)
+        await bus.subscribe(HELLO_TOPIC, self)
+        await bus.flush()
+        return self
+
+
+async def test_a_heartbeat_from_an_unknown_worker_gets_a_hello_to_that_run_only(rig: Rig) -> None:
+    hellos = await HelloRecorder().listen(rig.bus)
     stranger = SyntheticWorker(rig.bus, "stranger")
     with anyio.fail_after(10):
-        while not hellos:
+        while not hellos.heard:
             await stranger.heartbeat()
             await anyio.sleep(0.05)
+    assert hellos.heard[0] == (hello_topic("stranger", 0), Hello(epoch=stranger.ident.epoch))
+    assert all(topic != HELLO_TOPIC for topic, _ in hellos.heard)  # nobody else was disturbed
 
 
 async def test_a_registration_with_an_unknown_hash_scheme_is_refused(rig: Rig) -> None:
@@ -181,18 +196,18 @@ async def test_a_registration_with_an_unknown_hash_scheme_is_refused(rig: Rig) -
 
 async def test_heartbeats_of_a_refused_worker_do_not_make_the_controller_say_hello(rig: Rig) -> None:
     controller = rig.handle.controller
+    hellos = await HelloRecorder().listen(rig.bus)
     refused = SyntheticWorker(rig.bus, "odd")
     refused.registration.hashing.scheme = "sha256/v9"
     assert not (await refused.register()).accepted
-    with anyio.fail_after(10):  # until a hello for an unknown worker is allowed again
-        while time.monotonic() - controller._last_hello < HELLO_MIN_INTERVAL:
-            await anyio.sleep(0.05)  # poll interval of a deadline-bounded poll
-    said = controller._last_hello
     await controller.heartbeat(Heartbeat(**refused.ident.model_dump(exclude={"version"})))
-    assert controller._last_hello == said  # no hello: every worker would resync for nothing
     stranger = SyntheticWorker(rig.bus, "stranger")
     await controller.heartbeat(Heartbeat(**stranger.ident.model_dump(exclude={"version"})))
-    assert controller._last_hello > said  # an unknown worker that was not refused still gets one
+    with anyio.fail_after(10):  # an unknown worker that was not refused still gets one
+        while not hellos.heard:
+            await anyio.sleep(0.01)  # poll interval of a deadline-bounded poll
+    # published in order on one connection: the refused one's would have come first
+    assert [topic for topic, _ in hellos.heard] == [hello_topic("stranger", 0)]
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from lmcache_core.transport import Message, MessageBus
 from lmcache_core.wire import (
     EVENTS_WILDCARD,
     HEARTBEAT_WILDCARD,
-    REGISTER_TOPIC,
+    REGISTER_WILDCARD,
     Command,
     CommandReply,
     CommandRequest,
@@ -76,7 +76,7 @@ class ControllerPeer:
         spec = resolve_transport(get_plugin_manager(), self.settings.transport)
         self._bus = await spec.connect(self.settings, self.url)
         if self.answer_register:
-            await self._bus.subscribe(REGISTER_TOPIC, self._on_register)
+            await self._bus.subscribe(REGISTER_WILDCARD, self._on_register)
         await self._bus.subscribe(EVENTS_WILDCARD, self._on_events)
         await self._bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat)
         await self._bus.flush()

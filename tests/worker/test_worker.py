@@ -16,11 +16,14 @@ from lmcache_core.wire import (
     HELLO_TOPIC,
     ClearCommand,
     EventBatch,
+    Hello,
     LookupCommand,
     PingCommand,
     RegistrationAck,
     ResyncCommand,
+    WorkerIdentity,
     command_topic,
+    hello_topic,
 )
 from lmcache_core.worker import pack_events
 
@@ -272,6 +275,46 @@ def test_controller_hello_makes_the_worker_register_and_resync_again(
     peer.wait_until(
         lambda: len(reset_batches(peer, CPU, worker.identity.epoch)) >= 2, what="resync after hello"
     )
+
+
+def test_a_hello_to_this_run_makes_it_register_again_and_one_to_another_run_does_not(
+    make_settings, make_instance, peer
+) -> None:
+    instance = make_instance(make_settings())
+    worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)
+
+    class Delivered:
+        topic = hello_topic(INSTANCE, 0)
+
+        def __init__(self, hello: Hello) -> None:
+            self.payload = hello.encode()
+
+    async def asks_to_register(hello: Hello) -> bool:
+        # on the worker's loop: nothing else runs between handling the hello and the check
+        await worker._on_hello(Delivered(hello))
+        return worker._reregister.is_set()
+
+    assert worker._portal is not None
+    assert not worker._portal.call(asks_to_register, Hello(epoch="another-run"))  # a duplicate's
+    assert worker._portal.call(asks_to_register, Hello(epoch=worker.identity.epoch))
+    peer.wait_until(lambda: len(peer.registrations) >= 2, what="registration after its own hello")
+    assert worker._portal.call(asks_to_register, Hello())  # the fleet-wide hello
+
+
+def test_closing_a_registered_worker_says_goodbye_with_its_epoch(make_settings, make_instance, peer) -> None:
+    goodbyes: list[WorkerIdentity] = []
+
+    async def on_goodbye(msg) -> None:
+        peer._record(goodbyes, WorkerIdentity.decode(msg.payload))
+
+    peer.portal.call(peer._bus.subscribe, "goodbye.*.*", on_goodbye)
+    instance = make_instance(make_settings())
+    worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)
+    worker.close()
+    peer.wait_until(lambda: goodbyes, what="the goodbye")
+    assert goodbyes == [worker.identity]
 
 
 def test_worker_keeps_retrying_until_a_controller_answers(

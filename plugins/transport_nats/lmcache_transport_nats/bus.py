@@ -24,6 +24,7 @@ from nats.aio.subscription import Subscription as NatsPySubscription
 
 from lmcache_core.errors import NoResponders, RequestTimeout, TransportError
 from lmcache_core.transport import Handler, Message, MessageBus, Subscription
+from lmcache_transport_nats.auth import inbox_prefix, prefixed
 from lmcache_transport_nats.settings import NatsSettings, nats_settings_from
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ def _auth_options(settings: NatsSettings) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if settings.nats_password is not None and settings.nats_user is None:
         raise TransportError("nats_password is set but nats_user is not")
+    if settings.nats_user is not None and settings.nats_nkey_seed_file is not None:
+        raise TransportError("set either nats_user or nats_nkey_seed_file, not both")
     if settings.nats_user is not None:
         options["user"] = settings.nats_user
         options["password"] = (
@@ -102,17 +105,20 @@ def _auth_options(settings: NatsSettings) -> dict[str, Any]:
         )
     if settings.nats_token is not None:
         options["token"] = settings.nats_token.get_secret_value()
-    if settings.nats_creds_file is not None:
+    signed = {
+        "nats_creds_file": ("user_credentials", settings.nats_creds_file),
+        "nats_nkey_seed_file": ("nkeys_seed", settings.nats_nkey_seed_file),
+    }
+    for key, (option, path) in signed.items():
+        if path is None:
+            continue
         try:
             import nkeys  # noqa: F401  (nats-py imports it lazily and fails late otherwise)
         except ImportError as exc:
-            raise TransportError(
-                "nats_creds_file needs the 'nkeys' package: "
-                "pip install 'lmcache-transport-nats[creds]'"
-            ) from exc
-        if not settings.nats_creds_file.is_file():
-            raise TransportError(f"nats_creds_file {settings.nats_creds_file} does not exist")
-        options["user_credentials"] = str(settings.nats_creds_file)
+            raise TransportError(f"{key} needs the 'nkeys' package: pip install nkeys") from exc
+        if not path.is_file():
+            raise TransportError(f"{key} {path} does not exist")
+        options[option] = str(path)
     return options
 
 
@@ -195,6 +201,7 @@ class NatsBus(MessageBus):
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def _connect(self, settings: NatsSettings) -> None:
+        auth = _auth_options(settings)
         options: dict[str, Any] = {
             "servers": self.servers,
             "connect_timeout": settings.nats_connect_timeout,
@@ -206,7 +213,9 @@ class NatsBus(MessageBus):
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
             "closed_cb": self._on_closed,
-            **_auth_options(settings),
+            # replies come under the user's own inbox, the one its bus permissions allow
+            "inbox_prefix": inbox_prefix(settings),
+            **auth,
         }
         tls = _tls_context(settings)
         if tls is not None:
@@ -246,7 +255,8 @@ class NatsBus(MessageBus):
         if self._fatal_error is not None:
             return (
                 f"cannot connect to NATS at {urls}: the server refused us ({reason}); check "
-                "nats_user/nats_password/nats_token/nats_creds_file and the TLS files"
+                "nats_user/nats_password/nats_token/nats_nkey_seed_file/nats_creds_file and the "
+                "TLS files"
             )
         return (
             f"cannot connect to NATS at {urls} within {budget:g}s ({reason}); check that a "
@@ -358,7 +368,7 @@ class NatsBus(MessageBus):
 
     def subject(self, topic: str) -> str:
         """The NATS subject of a relative ``topic``."""
-        return f"{self.prefix}.{topic}" if self.prefix else topic
+        return prefixed(self.prefix, topic)
 
     def topic(self, subject: str) -> str:
         """The relative topic of a NATS ``subject`` received under this bus's prefix."""

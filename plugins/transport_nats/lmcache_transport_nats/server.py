@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -18,15 +19,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import anyio
 
 from lmcache_core.errors import TransportError
+from lmcache_transport_nats.auth import check_exposure
 
 SERVER_BIN_ENV = "LMCACHE_NATS_SERVER_BIN"
+_CONFIG_NAME = "nats-server.json"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -103,7 +106,9 @@ class NatsServerProcess:
     """One ``nats-server`` on ``host:port``; ``start()``/``stop()`` may repeat on the same port.
 
     The port is chosen when ``port`` is None and kept across restarts, so clients reconnect to
-    the same URL. Extra CLI flags (``--user``, ``--auth`` ...) go in ``args``.
+    the same URL. ``authorization`` is a nats-server ``authorization`` block (users with
+    permissions, or a token; ``user``/``password`` or ``token`` are shorthands), written to a
+    private configuration file, never the command line. Extra CLI flags go in ``args``.
 
     Start it from a thread that outlives it (normally the main or event-loop thread): Linux
     delivers the parent-death signal when the *thread* that started the child exits.
@@ -117,6 +122,7 @@ class NatsServerProcess:
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
+        authorization: Mapping[str, Any] | None = None,
         args: Sequence[str] = (),
         startup_timeout: float = 10.0,
         stop_timeout: float = 5.0,
@@ -126,10 +132,14 @@ class NatsServerProcess:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._args: list[str] = list(args)
-        if user is not None:
-            self._args += ["--user", user, "--pass", password or ""]
-        if token is not None:
-            self._args += ["--auth", token]
+        if authorization is None and user is not None:
+            authorization = {"user": user, "password": password or ""}
+        elif authorization is None and token is not None:
+            authorization = {"token": token}
+        # written to a private file at launch: on the command line, secrets show in `ps`
+        self._config: dict[str, Any] | None = (
+            {"authorization": dict(authorization)} if authorization is not None else None
+        )
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
         self._ports_dir: str | None = None
@@ -149,8 +159,10 @@ class NatsServerProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def command(self, ports_file_dir: str | None = None) -> list[str]:
-        """The command line ``start()`` runs."""
+        """The command line ``start()`` runs (its configuration file lives in ``ports_file_dir``)."""
         extra = ["--ports_file_dir", ports_file_dir] if ports_file_dir else []
+        if ports_file_dir and self._config is not None:
+            extra += ["--config", str(Path(ports_file_dir) / _CONFIG_NAME)]
         return [
             str(find_nats_server_binary()),
             "--addr", self.host,
@@ -165,7 +177,11 @@ class NatsServerProcess:
             raise TransportError(f"nats-server on {self.url} is already running")
         # The server writes <exe>_<pid>.ports there once it listens: proof that the port is ours,
         # where a probe alone could reach some other server already holding the port.
-        self._ports_dir = tempfile.mkdtemp(prefix="nats-server-ports-")
+        self._ports_dir = tempfile.mkdtemp(prefix="nats-server-ports-")  # mode 0700
+        if self._config is not None:
+            config = Path(self._ports_dir) / _CONFIG_NAME
+            config.touch(mode=0o600)
+            config.write_text(json.dumps(self._config))  # nats-server reads JSON configuration
         cmd = self.command(self._ports_dir)
         # stderr goes to a file, not a pipe: nobody reads a pipe and a full one blocks the server
         self._stderr = tempfile.TemporaryFile(prefix="nats-server-stderr-")
@@ -290,9 +306,13 @@ def _free_port(host: str) -> int:
 
 
 @contextlib.asynccontextmanager
-async def embedded_server(host: str, port: int) -> AsyncIterator[str]:
-    """Run a ``nats-server`` on ``host:port`` for the duration of the block; yields its URL."""
-    server = NatsServerProcess(host, port)
+async def embedded_server(settings: Any, host: str, port: int) -> AsyncIterator[str]:
+    """Run a ``nats-server`` on ``host:port`` for the duration of the block; yields its URL.
+
+    Its users and roles come from the ``nats_*`` settings (``auth.authorization``); without
+    credentials it runs open, which only a loopback ``host`` allows (``ConfigError`` otherwise).
+    """
+    server = NatsServerProcess(host, port, authorization=check_exposure(settings, host))
     await server.astart()
     try:
         yield server.url

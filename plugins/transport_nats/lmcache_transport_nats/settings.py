@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError
 
 from lmcache_core.errors import ConfigError
+from lmcache_core.wire import InstanceId
 
 MIB = 1024**2
 
@@ -35,7 +36,15 @@ def _check_servers(value: list[str]) -> list[str]:
     return value
 
 
+def _check_user_nkey(value: str) -> str:
+    if _USER_NKEY_RE.fullmatch(value):
+        return value
+    raise ValueError(f"{value[:8]!r}... is not a public user nkey: 56 characters A-Z and 2-7, starting with 'U'")
+
+
+_USER_NKEY_RE = re.compile(r"U[A-Z2-7]{55}")
 SubjectPrefix = Annotated[str, AfterValidator(_check_subject_prefix)]
+UserNkey = Annotated[str, AfterValidator(_check_user_nkey)]
 ServerList = Annotated[list[str], AfterValidator(_check_servers)]
 
 
@@ -61,6 +70,31 @@ class NatsSettings(BaseModel):
         None, description="Password for NATS user/password auth (with nats_user)."
     )
     nats_token: SecretStr | None = Field(None, description="Token for NATS token auth.")
+    nats_instance_passwords: dict[InstanceId, SecretStr] = Field(
+        default_factory=dict,
+        description=(
+            "Controller side: instance id -> password of that instance's bus user (whose user "
+            "name is the instance id), for the embedded server and 'python -m "
+            "lmcache_transport_nats.auth_config'; each such user may publish only its own instance's "
+            "events, heartbeats and registrations and hear only its own commands and the hello. "
+            "Needs nats_user and nats_password (the controller's own user)."
+        ),
+    )
+    nats_nkey_seed_file: Path | None = Field(
+        None,
+        description=(
+            "A file holding this client's NATS nkey seed ('SU...'): it signs the server's "
+            "challenge, so no shared secret travels; the server knows only its public key "
+            "(make one with 'python -m lmcache_transport_nats.auth_config --new-nkey FILE')."
+        ),
+    )
+    nats_instance_nkeys: dict[InstanceId, UserNkey] = Field(
+        default_factory=dict,
+        description=(
+            "Controller side, like nats_instance_passwords: instance id -> public nkey ('U...') "
+            "of that instance's bus user, which signs with its nats_nkey_seed_file."
+        ),
+    )
     nats_creds_file: Path | None = Field(
         None, description="A NATS .creds file (JWT + nkey seed) for decentralised auth."
     )

@@ -47,7 +47,7 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
 @pytest.mark.anyio
 async def test_embedded_server_runs_a_real_process_and_stops_it_without_orphans():
     port = free_port()
-    async with embedded_server("127.0.0.1", port) as url:
+    async with embedded_server(NatsSettings(), "127.0.0.1", port) as url:
         assert url == f"nats://127.0.0.1:{port}"
         (pid,) = nats_server_pids(port)
         async with await connect(NatsSettings(), url) as bus:
@@ -64,7 +64,7 @@ async def test_embedded_server_runs_a_real_process_and_stops_it_without_orphans(
 @pytest.mark.anyio
 async def test_embedded_server_on_a_wildcard_host_yields_a_loopback_url():
     port = free_port()
-    async with embedded_server("0.0.0.0", port) as url:
+    async with embedded_server(NatsSettings(nats_token="t0ken"), "0.0.0.0", port) as url:
         assert url == f"nats://127.0.0.1:{port}"
     assert nats_server_pids(port) == []
 
@@ -74,10 +74,10 @@ def test_server_dies_with_the_process_that_started_it_when_that_is_killed():
     script = textwrap.dedent(
         f"""
         import anyio, sys
-        from lmcache_transport_nats import embedded_server
+        from lmcache_transport_nats import NatsSettings, embedded_server
 
         async def main():
-            async with embedded_server("127.0.0.1", {port}) as url:
+            async with embedded_server(NatsSettings(), "127.0.0.1", {port}) as url:
                 print(url, flush=True)
                 await anyio.to_thread.run_sync(sys.stdin.readline)
 
