@@ -25,7 +25,9 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from walkthrough import PROMPT, call, free_port, stop, wait_ready  # noqa: E402
+from lmcache_connector_vllm.demo import show_call, stop_process  # noqa: E402
+from lmcache_core.testing import free_port  # noqa: E402
+from walkthrough import PROMPT, wait_ready  # noqa: E402
 
 CPU, DISK = "LocalCPUBackend", "LocalDiskBackend"
 
@@ -76,7 +78,7 @@ def main() -> int:
             ]
             with httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as client:
                 for path, body, key, expected in steps:
-                    got = call(client, path, body).get(key)
+                    got = show_call(client, path, body).json().get(key)
                     if got != expected:
                         ok = False
                         print(f"  !! expected {key} = {json.dumps(expected)}")
@@ -86,7 +88,7 @@ def main() -> int:
                     print(f"  -> {inst['instance_id']}: chunks per location {json.dumps(per_loc)}")
         finally:
             for proc in reversed(procs):
-                stop(proc)
+                stop_process(proc)
     print("# two instances " + ("finished: every answer as expected" if ok else "FAILED"))
     return 0 if ok else 1
 

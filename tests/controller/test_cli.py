@@ -95,6 +95,16 @@ def test_walkthrough_example_runs_end_to_end() -> None:
     assert '"layout_info": {"lmcache_default_instance": ["LocalCPUBackend", 12]}' in result.stdout
 
 
+def test_two_instances_example_credits_each_instance_with_its_own_prefix() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "two_instances.py")],
+        capture_output=True, text=True, timeout=170,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every answer as expected" in result.stdout
+    assert '"layout_info": {"instance_a": ["LocalCPUBackend", 12], "instance_b": ["LocalCPUBackend", 8]}' in result.stdout
+
+
 def test_a_port_in_use_exits_2_with_one_line_on_stderr() -> None:
     import socket
 
