@@ -46,8 +46,10 @@ class EngineMetadata:
 class PrefixHold:
     """Chunk views of a stored prefix that ``CacheEngine.hold`` keeps from eviction and reuse."""
 
-    def __init__(self, held: list[tuple[ChunkSpan, ChunkView]]) -> None:
+    def __init__(self, held: list[tuple[ChunkSpan, ChunkView]], locations: list[str]) -> None:
         self.chunks = held
+        #: where each held chunk was found (before any promotion)
+        self.locations = locations
 
     @property
     def num_tokens(self) -> int:
@@ -264,19 +266,22 @@ class CacheEngine:
         removed). A hit in a slower tier is promoted, as ``retrieve`` does.
         """
         held: list[tuple[ChunkSpan, ChunkView]] = []
+        locations: list[str] = []
         try:
             for span in self.hasher.spans(tokens):
-                view, tier = self._find(self.keys.key(span.chunk_hash))
+                key = self.keys.key(span.chunk_hash)
+                view, tier = self._find(key)
                 if view is None:
                     break
                 held.append((span, view))
+                locations.append(self._tiers[tier].location)
                 if tier > 0:
-                    self._promote(self.keys.key(span.chunk_hash), view, tier)
+                    self._promote(key, view, tier)
         except BaseException:
             for _, view in held:
                 view.release()
             raise
-        return PrefixHold(held)
+        return PrefixHold(held, locations)
 
     def missing_spans(self, tokens: TokenSequence) -> list[ChunkSpan]:
         """Chunks of ``tokens`` that at least one location lacks (what ``store`` would write)."""
