@@ -13,8 +13,7 @@ A Llama-8B-shaped cache (32 layers, 8 KV heads of 128, bf16) in vLLM 0.32's layo
 and, as the baseline measured in the same run, ``copy_`` of the same bytes between preallocated
 buffers (host to host on CPU; device to pinned host and back on CUDA). Prints GB/s and the
 ratio to the baseline (best of ``--repeat``). On CPU, where vLLM is installed, it also times the
-CPU attention backend's own packed pages (measured with its writer, as the connector does):
-stores copy whole pages on the forward pass, loads go through the backend's writer.
+CPU attention backend's own packed pages (measured with its writer, as the connector does).
 
 Needs torch only: ``paged_kv.py`` is loaded from its file, so it runs on a GPU machine without
 vLLM or lmcache installed.
@@ -96,23 +95,6 @@ def measure(kv, device: torch.device, tokens: int, repeat: int, rotate: int = 8)
         def base_load() -> None:
             for region in pool:
                 region.copy_(host, non_blocking=True)
-    elif kv.packed:  # what the connector does on the forward pass: copy whole pages
-
-        def store() -> None:
-            for slots in slot_sets:
-                kv.stage(slots)
-
-        def load() -> None:
-            for slots in slot_sets:
-                kv.scatter(chunk, slots)
-
-        def base_store() -> None:
-            for region in pool:
-                chunk.copy_(region)
-
-        def base_load() -> None:
-            for region in pool:
-                region.copy_(chunk)
     else:
 
         def store() -> None:
@@ -213,13 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         kv, isa = cpu_attention_translator(paged_kv, args, blocks)
         if kv is not None:
             results["CPU_ATTN"] = r = measure(kv, device, args.tokens, args.repeat)
-            slots = kv.slots(list(range(3)), 5, 5 + args.tokens)
-            unpack = best_seconds(lambda: kv.unstage(*kv.stage(slots)), args.repeat, lambda: None)
-            r["unpack_in_background_gbps"] = round(kv.format.nbytes(args.tokens) / unpack / 1e9, 2)
             print(f"  {'CPU_ATTN packed pages (isa ' + str(isa) + ', 128-token blocks)':40s} store {r['store_gbps']:7.2f} GB/s = "
-                  f"{r['store_ratio']:.2f} x copy_ (whole pages; the tokens are picked out in the background at "
-                  f"{r['unpack_in_background_gbps']} GB/s);  load {r['load_gbps']:7.2f} GB/s = {r['load_ratio']:.2f} x copy_ "
-                  "(its own writer)")
+                  f"{r['store_ratio']:.2f} x copy_;  load {r['load_gbps']:7.2f} GB/s = {r['load_ratio']:.2f} x copy_")
     print(json.dumps({"device": str(device), **results}))
     return 0
 

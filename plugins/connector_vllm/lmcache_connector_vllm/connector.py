@@ -421,23 +421,18 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             if spec.req_id in failed:
                 continue
             try:
-                spans = engine.missing_spans(spec.token_ids)
-                if not spans:
+                chunks = [
+                    (span, kv.gather(kv.slots(spec.block_ids, span.start, span.end)))
+                    for span in engine.missing_spans(spec.token_ids)
+                ]
+                if not chunks:
                     continue
-                if kv.packed:  # copy whole pages now; the storer picks the tokens out
-                    staged = [(span, kv.stage(kv.slots(spec.block_ids, span.start, span.end))) for span in spans]
-                    job = SaveJob(spec.req_id, [], prepare=lambda staged=staged: [
-                        (span, kv.unstage(*copies)) for span, copies in staged
-                    ])
-                else:
-                    chunks = [(span, kv.gather(kv.slots(spec.block_ids, span.start, span.end))) for span in spans]
-                    host, ready = stager.to_host(chunks)
-                    job = SaveJob(spec.req_id, host, ready)
+                host, ready = stager.to_host(chunks)
             except (RuntimeError, ValueError, IndexError) as exc:
                 # a failed save is a future miss, never a failed request
                 log.warning("lmcache save for request %s failed: %s", spec.req_id, exc)
                 continue
-            storer.submit(job)
+            storer.submit(SaveJob(spec.req_id, host, ready))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose load failed since the last call (vLLM recomputes them)."""

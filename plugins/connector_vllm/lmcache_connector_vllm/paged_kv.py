@@ -163,8 +163,6 @@ class PagedKV:
         self.layer_names = names
         self._tensors = tensors
         self._writer = writer
-        # a block's page is one contiguous [heads, tokens, content] run: pages can be copied whole
-        self._stageable = stride[1:] == (kernel_block * content, content, 1)
         self.block_size = block_size
         self.kernel_block = kernel_block
         self.num_kernel_blocks = num_kernel_blocks
@@ -263,41 +261,6 @@ class PagedKV:
             rows = run.rows.view(raw)
             part = src[run.first : run.first + run.count].view(-1, rows.shape[1])
             rows.index_copy_(0, self._rows(run, slots), part)
-
-    # --- packed pages: copy whole pages now, unpack later --------------------------------------
-    @property
-    def packed(self) -> bool:
-        """Whether the pages keep tokens in runs too short to gather fast (CPU_ATTN's).
-
-        Such a cache is better copied page by page on the forward path (``stage``), and the
-        tokens picked out of the copies later, off it (``unstage``).
-        """
-        return self._row_bytes < 64 and self._stageable
-
-    def stage(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of the whole kernel blocks holding ``slots`` (``[layers, blocks, page]``, one
-        ``index_select`` of whole pages per layer) and the slots within those copies."""
-        slots = slots.to(self.device)
-        blocks, inverse = torch.unique(slots // self.kernel_block, return_inverse=True)
-        first = self._tensors[0]
-        staged = torch.empty((len(self._tensors), len(blocks), *first.shape[1:]), dtype=first.dtype, device=self.device)
-        for layer, tensor in enumerate(self._tensors):
-            torch.index_select(tensor, 0, blocks, out=staged[layer])
-        return staged, inverse * self.kernel_block + slots % self.kernel_block
-
-    def unstage(self, staged: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """The canonical chunk of the tokens at ``local`` slots of ``stage``'s page copies."""
-        layers, blocks = staged.shape[:2]
-        page = staged[0, 0].numel() // self._g  # rows per page copy
-        inside = self._page_rows.index_select(0, local % self.kernel_block)
-        token = inside + ((local // self.kernel_block) * page).view(-1, 1)
-        base = torch.arange(layers, device=self.device) * (blocks * page)
-        index = (base.view(-1, 1) + token.view(1, -1)).view(-1)
-        raw = self._raw(_GATHER_RAW)
-        rows = staged.view(-1).view(torch.uint8).view(-1, self._row_bytes).view(raw)
-        out = torch.empty(self.format.shape(len(local)), dtype=self.format.dtype, device=self.device)
-        torch.index_select(rows, 0, index, out=out.view(raw).view(-1, rows.shape[1]))
-        return out
 
     def _raw(self, candidates: tuple[torch.dtype, ...]) -> torch.dtype:
         return next(raw for raw in candidates if self._row_bytes % raw.itemsize == 0)

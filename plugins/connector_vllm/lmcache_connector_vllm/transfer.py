@@ -1,8 +1,7 @@
 """Getting saved chunks out of the forward pass's way: device copies, then background stores.
 
 A save gathers a prompt's missing chunks out of vLLM's paged KV cache on the cache's own
-device (``PagedKV.gather``); from packed pages (CPU_ATTN's) it copies the whole pages instead
-and leaves picking the tokens out of them to the storer thread. On CUDA the gather is queued on the current stream, so it reads
+device (``PagedKV.gather``). On CUDA the gather is queued on the current stream, so it reads
 the blocks before any later kernel reuses them, and each chunk is copied to pinned host memory
 on a side stream; the save returns once those copies are queued. A ``BackgroundStorer`` thread
 waits for each copy and hands the chunks to the ``CacheEngine``. On CPU the same code runs with
@@ -14,8 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,16 +27,15 @@ log = logging.getLogger("vllm.lmcache_connector_vllm")
 
 @dataclass
 class SaveJob:
-    """Chunks of one request to store once ``ready`` (a CUDA event, or None: ready now).
-
-    With ``prepare``, the storer first calls it for the chunks (work moved off the forward
-    pass, such as picking tokens out of page copies: ``PagedKV.unstage``).
-    """
+    """Chunks of one request to store once ``ready`` (a CUDA event, or None: ready now)."""
 
     req_id: str
     chunks: list[tuple[ChunkSpan, torch.Tensor]]
     ready: Any = None
-    prepare: Callable[[], list[tuple[ChunkSpan, torch.Tensor]]] | None = None
+    num_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.num_tokens = sum(span.num_tokens for span, _ in self.chunks)
 
 
 class DeviceStager:
@@ -119,8 +116,6 @@ class BackgroundStorer:
             try:
                 if job.ready is not None:
                     job.ready.synchronize()
-                if job.prepare is not None:
-                    job.chunks = job.prepare()
                 self.stored_tokens += self._engine.store_chunks(job.chunks)
             except (LMCacheError, RuntimeError, ValueError) as exc:
                 # a failed save is a future miss, never a failed request
