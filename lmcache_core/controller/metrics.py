@@ -76,7 +76,20 @@ class ControllerMetrics:
             "lmcache_controller_sequence_gaps", "Event-batch sequence gaps detected.", registry=r
         )
         self.resyncs = Counter(
-            "lmcache_controller_resyncs", "Resync commands sent to workers.", registry=r
+            "lmcache_controller_resyncs",
+            "Full resyncs of one worker's location asked for (registrations' own not counted).",
+            registry=r,
+        )
+        self.replays = Counter(
+            "lmcache_controller_replays", "Replays of a missing batch range asked of one worker.", registry=r
+        )
+        self.batches_held = Counter(
+            "lmcache_controller_batches_held", "Batches that arrived ahead of a missing one and waited.", registry=r
+        )
+        self.late_batches_applied = Counter(
+            "lmcache_controller_late_batches_applied",
+            "Held batches applied in order once what came before them arrived.",
+            registry=r,
         )
         self.registrations = Counter(
             "lmcache_controller_registrations", "Worker registrations accepted.", registry=r
