@@ -20,6 +20,7 @@ from lmcache_core.wire import (
     LookupCommand,
     PingCommand,
     RegistrationAck,
+    ReplayCommand,
     ResyncCommand,
     WorkerIdentity,
     command_topic,
@@ -200,6 +201,50 @@ def test_resync_command_resends_the_inventory_with_reset(
     assert held_by(peer.batches_for(CPU, worker.identity.epoch)) == set(
         TokenHasher(256).hashes(PROMPT)
     )
+
+
+def test_a_replay_publishes_the_retained_batches_of_the_range_again_unchanged(
+    make_settings, make_instance, peer
+) -> None:
+    instance = make_instance(make_settings())
+    worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)
+    instance.engine.store(PROMPT, kv(12))
+    assert worker.sync(WAIT)
+    last = worker.last_seq()[CPU]
+    published = peer.wait_until(lambda: peer.batches_for(CPU, worker.identity.epoch), what="batches")
+    before = len(peer.batches_for(CPU))
+    reply = peer.command(ReplayCommand(location=CPU, first_seq=1, last_seq=last + 10))
+    assert reply.ok and reply.last_seq == {CPU: last}  # nothing beyond what it published
+    again = peer.wait_until(lambda: peer.batches_for(CPU)[before:] if len(peer.batches_for(CPU)) >= before + last else None)
+    assert [b.seq for b in again] == list(range(1, last + 1))
+    assert again == published[:last]  # the same batches, reset flag and all
+
+
+def test_a_replay_of_batches_no_longer_retained_says_so(make_settings, make_instance, peer) -> None:
+    instance = make_instance(make_settings(worker_replay_batches=1))
+    worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)
+    instance.engine.store(PROMPT, kv(12))
+    assert worker.sync(WAIT)
+    reply = peer.command(ReplayCommand(location=CPU, first_seq=1, last_seq=worker.last_seq()[CPU]))
+    assert not reply.ok and reply.error_kind == "not_retained" and "no longer retained" in reply.error
+
+
+def test_a_command_read_after_its_deadline_is_not_carried_out(
+    make_settings, make_instance, peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    instance = make_instance(make_settings())
+    worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)
+    stored = instance.engine.store(PROMPT, kv(12))
+    with caplog.at_level(logging.WARNING, logger="lmcache_core.worker"):
+        late = peer.command(ClearCommand(location=CPU), deadline=time.time() - 1.0)
+    assert not late.ok and late.error_kind == "expired" and "not carried out" in late.error
+    assert "after its deadline" in caplog.text
+    assert instance.engine.lookup(PROMPT) == stored  # still there
+    in_time = peer.command(ClearCommand(location=CPU), deadline=time.time() + WAIT)
+    assert in_time.ok and in_time.num_tokens == stored
 
 
 def test_a_bad_command_gets_an_error_reply_and_the_worker_keeps_serving(
