@@ -61,12 +61,19 @@ def _started(nats_url: str, grace: float, **settings) -> ControllerRunner:
     return ControllerRunner(nats_url, controller_settings(controller_gap_grace=grace, **settings))
 
 
+def _indexed_instances(runner: ControllerRunner, make_instance, *names: str, **settings) -> list[Instance]:
+    """Instances (the first with ``settings``) holding PROMPT, once the index matches them."""
+    made = [make_instance(name, **(settings if i == 0 else {})) for i, name in enumerate(names)]
+    for inst in made:
+        inst.store(PROMPT)
+        inst.sync()
+    _indexed(runner, *made)
+    return made
+
+
 def test_a_delayed_batch_overtaken_by_heartbeats_is_applied_without_a_resync(nats_url: str, make_instance) -> None:
     with _started(nats_url, grace=WAIT) as runner:
-        a = make_instance("inst-a")
-        a.store(PROMPT)
-        a.sync()
-        _indexed(runner, a)
+        [a] = _indexed_instances(runner, make_instance, "inst-a")
         with counting(nats_url) as counter:
             faulty = a.inject_faults(FaultPlan("hold"))
             a.store(MORE)  # its batch is held back on the way
@@ -82,10 +89,7 @@ def test_a_delayed_batch_overtaken_by_heartbeats_is_applied_without_a_resync(nat
 
 def test_batches_reordered_or_duplicated_on_the_way_converge_without_commands(nats_url: str, make_instance) -> None:
     with _started(nats_url, grace=WAIT) as runner:
-        a = make_instance("inst-a")
-        a.store(PROMPT)
-        a.sync()
-        _indexed(runner, a)
+        [a] = _indexed_instances(runner, make_instance, "inst-a")
         with counting(nats_url) as counter:
             plan = FaultPlan(then="hold")
             faulty = a.inject_faults(plan)
@@ -105,11 +109,7 @@ def test_batches_reordered_or_duplicated_on_the_way_converge_without_commands(na
 
 def test_a_dropped_batch_is_replayed_from_the_worker_without_a_full_resync(nats_url: str, make_instance) -> None:
     with _started(nats_url, grace=0.3) as runner:
-        a, b = make_instance("inst-a"), make_instance("inst-b")
-        for inst in (a, b):
-            inst.store(PROMPT)
-            inst.sync()
-        _indexed(runner, a, b)
+        a, b = _indexed_instances(runner, make_instance, "inst-a", "inst-b")
         with counting(nats_url) as counter:
             faulty = a.inject_faults(FaultPlan("drop"))
             a.store(MORE)  # lost on the way
@@ -123,12 +123,8 @@ def test_a_dropped_batch_is_replayed_from_the_worker_without_a_full_resync(nats_
 
 def test_a_range_no_longer_retained_falls_back_to_a_resync_of_that_worker_only(nats_url: str, make_instance) -> None:
     with _started(nats_url, grace=0.3) as runner:
-        a = make_instance("inst-a", worker_replay_batches=1)  # keeps its latest batch only
-        b = make_instance("inst-b")
-        for inst in (a, b):
-            inst.store(PROMPT)
-            inst.sync()
-        _indexed(runner, a, b)
+        # a keeps its latest batch only
+        a, b = _indexed_instances(runner, make_instance, "inst-a", "inst-b", worker_replay_batches=1)
         with counting(nats_url) as counter:
             faulty = a.inject_faults(FaultPlan("drop"))
             a.store(MORE)

@@ -183,13 +183,19 @@ def test_lookup_reports_the_prefix_and_the_location_holding_most_of_it(
     assert (miss.ok, miss.num_tokens, miss.location) == (True, 0, None)
 
 
+def _registered_holding_prompt(make_settings, make_instance, **settings):
+    """An instance holding PROMPT whose worker registered: (instance, worker, tokens stored)."""
+    instance = make_instance(make_settings(**settings))
+    worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)
+    stored = instance.engine.store(PROMPT, kv(12))
+    return instance, worker, stored
+
+
 def test_resync_command_resends_the_inventory_with_reset(
     make_settings, make_instance, peer
 ) -> None:
-    instance = make_instance(make_settings())
-    worker = instance.start_worker()
-    assert worker.wait_registered(WAIT)
-    instance.engine.store(PROMPT, kv(12))
+    instance, worker, _ = _registered_holding_prompt(make_settings, make_instance)
     reply = peer.command(ResyncCommand(locations=[CPU]))
     assert reply.ok and set(reply.last_seq) == {CPU}
     seq = reply.last_seq[CPU]
@@ -206,10 +212,7 @@ def test_resync_command_resends_the_inventory_with_reset(
 def test_a_replay_publishes_the_retained_batches_of_the_range_again_unchanged(
     make_settings, make_instance, peer
 ) -> None:
-    instance = make_instance(make_settings())
-    worker = instance.start_worker()
-    assert worker.wait_registered(WAIT)
-    instance.engine.store(PROMPT, kv(12))
+    _, worker, _ = _registered_holding_prompt(make_settings, make_instance)
     assert worker.sync(WAIT)
     last = worker.last_seq()[CPU]
     published = peer.wait_until(lambda: peer.batches_for(CPU, worker.identity.epoch), what="batches")
@@ -222,10 +225,7 @@ def test_a_replay_publishes_the_retained_batches_of_the_range_again_unchanged(
 
 
 def test_a_replay_of_batches_no_longer_retained_says_so(make_settings, make_instance, peer) -> None:
-    instance = make_instance(make_settings(worker_replay_batches=1))
-    worker = instance.start_worker()
-    assert worker.wait_registered(WAIT)
-    instance.engine.store(PROMPT, kv(12))
+    _, worker, _ = _registered_holding_prompt(make_settings, make_instance, worker_replay_batches=1)
     assert worker.sync(WAIT)
     reply = peer.command(ReplayCommand(location=CPU, first_seq=1, last_seq=worker.last_seq()[CPU]))
     assert not reply.ok and reply.error_kind == "not_retained" and "no longer retained" in reply.error
@@ -234,10 +234,7 @@ def test_a_replay_of_batches_no_longer_retained_says_so(make_settings, make_inst
 def test_a_command_read_after_its_deadline_is_not_carried_out(
     make_settings, make_instance, peer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    instance = make_instance(make_settings())
-    worker = instance.start_worker()
-    assert worker.wait_registered(WAIT)
-    stored = instance.engine.store(PROMPT, kv(12))
+    instance, _, stored = _registered_holding_prompt(make_settings, make_instance)
     with caplog.at_level(logging.WARNING, logger="lmcache_core.worker"):
         late = peer.command(ClearCommand(location=CPU), deadline=time.time() - 1.0)
     assert not late.ok and late.error_kind == "expired" and "not carried out" in late.error
