@@ -108,7 +108,7 @@ def test_batches_reordered_or_duplicated_on_the_way_converge_without_commands(na
 
 
 def test_a_dropped_batch_is_replayed_from_the_worker_without_a_full_resync(nats_url: str, make_instance) -> None:
-    with _started(nats_url, grace=0.3) as runner:
+    with _started(nats_url, grace=1.0) as runner:
         a, b = _indexed_instances(runner, make_instance, "inst-a", "inst-b")
         with counting(nats_url) as counter:
             faulty = a.inject_faults(FaultPlan("drop"))
@@ -122,7 +122,7 @@ def test_a_dropped_batch_is_replayed_from_the_worker_without_a_full_resync(nats_
 
 
 def test_a_range_no_longer_retained_falls_back_to_a_resync_of_that_worker_only(nats_url: str, make_instance) -> None:
-    with _started(nats_url, grace=0.3) as runner:
+    with _started(nats_url, grace=1.0) as runner:
         # a keeps its latest batch only
         a, b = _indexed_instances(runner, make_instance, "inst-a", "inst-b", worker_replay_batches=1)
         with counting(nats_url) as counter:

@@ -215,11 +215,14 @@ def test_a_replay_publishes_the_retained_batches_of_the_range_again_unchanged(
     _, worker, _ = _registered_holding_prompt(make_settings, make_instance)
     assert worker.sync(WAIT)
     last = worker.last_seq()[CPU]
-    published = peer.wait_until(lambda: peer.batches_for(CPU, worker.identity.epoch), what="batches")
-    before = len(peer.batches_for(CPU))
+    def received(start: int, count: int) -> list[EventBatch] | None:
+        batches = peer.batches_for(CPU)[start:]
+        return batches if len(batches) >= count else None
+
+    published = peer.wait_until(lambda: received(0, last), what="the batches")
     reply = peer.command(ReplayCommand(location=CPU, first_seq=1, last_seq=last + 10))
     assert reply.ok and reply.last_seq == {CPU: last}  # nothing beyond what it published
-    again = peer.wait_until(lambda: peer.batches_for(CPU)[before:] if len(peer.batches_for(CPU)) >= before + last else None)
+    again = peer.wait_until(lambda: received(last, last), what="the replayed batches")
     assert [b.seq for b in again] == list(range(1, last + 1))
     assert again == published[:last]  # the same batches, reset flag and all
 
