@@ -110,6 +110,8 @@ HELLO_MIN_INTERVAL = 1.0
 _HELLO_MEMORY = 4096
 #: batches held per location while an earlier one is missing (more: left to the replay)
 MAX_HELD_BATCHES = 64
+#: replays answered for one gap that still did not close it before a resync is asked for
+REPLAYS_BEFORE_RESYNC = 2
 
 HashingKey = tuple[str, int, str]  # scheme, chunk_size, namespace
 _Claim = TypeVar("_Claim", bound=WorkerIdentity)
@@ -592,10 +594,11 @@ class Controller:
 
     async def _mend_gap(self, worker: WorkerState, loc: LocationState, since: float) -> None:
         """Once a gap has stood for the grace period: replay the range (resync when it is no
-        longer retained), and again after each repair's own grace period until it closes."""
+        longer retained, or replays did not close it), and again after each repair's own grace
+        period until it closes."""
         grace = self.settings.controller_gap_grace
         key = (worker.instance_id, worker.worker_id)
-        replayed = False
+        replayed = 0
         await anyio.sleep(grace)
         while loc.gap_since == since:
             worker = self.workers.get(key)  # a registration of the same run keeps its locations
@@ -605,10 +608,10 @@ class Controller:
                 "%s at %s: batches %d..%d missing for %.1f s",
                 worker.name, loc.name, loc.applied_seq + 1, loc.known_seq, time.monotonic() - since,
             )
-            if loc.awaiting_reset or replayed:
-                await self._resync(worker, loc)  # a replay that did not close it: start afresh
+            if loc.awaiting_reset or replayed >= REPLAYS_BEFORE_RESYNC:
+                await self._resync(worker, loc)  # replays that did not close it: start afresh
             else:
-                replayed = await self._replay(worker, loc)
+                replayed += await self._replay(worker, loc)
             await anyio.sleep(grace)  # what the repair sent may still be on its way
 
     async def _replay(self, worker: WorkerState, loc: LocationState) -> bool:

@@ -6,6 +6,7 @@ Commands carry a deadline: a paused worker never carries out a clear answered 50
 from __future__ import annotations
 
 import os
+import random
 import select
 import signal
 import subprocess
@@ -178,3 +179,31 @@ def test_a_paused_worker_never_carries_out_a_clear_answered_504(nats_url: str, t
             assert runner.lookup(PROMPT) == {INSTANCE: [CPU, stored]}
         finally:
             inst.close()
+
+
+def test_random_drops_delays_duplicates_and_reorders_converge_by_replays_alone(nats_url: str, make_instance) -> None:
+    rng = random.Random(8)
+    first_sight: set[bytes] = set()
+
+    def transient(topic: str, payload: bytes) -> str:
+        """A fault for a batch's first trip only: what is published again (a replay) passes."""
+        if not topic.startswith("events.") or payload in first_sight:
+            return "pass"
+        first_sight.add(payload)
+        return rng.choices(["pass", "drop", "hold", "duplicate"], [5, 1, 2, 1])[0]
+
+    with _started(nats_url, grace=0.5) as runner:
+        [a] = _indexed_instances(runner, make_instance, "inst-a")
+        faulty = a.inject_faults(transient)
+        for step in range(24):
+            tokens = [1000 + 8 * step + i for i in range(8)]
+            a.store(tokens, seed=step)
+            if step % 3 == 2:
+                a.engine.remove([1000 + 8 * (step - 1) + i for i in range(8)])
+            a.sync()
+            if rng.random() < 0.3:
+                a.on_worker_loop(faulty.release, rng.random() < 0.5)  # late, maybe reordered
+        a.on_worker_loop(faulty.release, True)
+        _indexed(runner, a)
+        assert faulty.dropped and _metric(runner, "replays") >= 1 and _metric(runner, "late_batches_applied") >= 1
+        assert _metric(runner, "resyncs") == 0
