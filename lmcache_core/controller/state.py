@@ -249,6 +249,10 @@ class Controller:
         #: what lookups need about every live holder, as arrays
         self._layout = LayoutTable()
         self._subscriptions: list[Subscription] = []
+        self._events_subscription: Subscription | None = None
+        #: event-batch messages handled so far, and an event set when that count moves
+        self._events_handled = 0
+        self._events_progress: anyio.Event | None = None
         self._tg: TaskGroup | None = None
         #: (instance, rank, epoch) of an unknown run -> when it was last asked to register
         self._asked: OrderedDict[tuple[str, int, str], float] = OrderedDict()
@@ -260,10 +264,11 @@ class Controller:
         """Subscribe to the workers' topics, start housekeeping in ``tg``, and say hello."""
         self._tg = tg
         bus = self.bus
+        self._events_subscription = await bus.subscribe(EVENTS_WILDCARD, self._on_events)
         self._subscriptions = [
             await bus.subscribe(REGISTER_WILDCARD, self._on_register),
             await bus.subscribe(LEGACY_REGISTER_TOPIC, self._on_legacy_register),
-            await bus.subscribe(EVENTS_WILDCARD, self._on_events),
+            self._events_subscription,
             await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat),
             await bus.subscribe(GOODBYE_WILDCARD, self._on_goodbye),
         ]
@@ -508,6 +513,34 @@ class Controller:
 
     async def _on_events(self, msg: Message) -> None:
         try:
+            self._handle_events(msg)
+        finally:
+            self._events_handled += 1
+            if self._events_progress is not None:
+                self._events_progress.set()
+                self._events_progress = None
+
+    async def _received_events_handled(self) -> None:
+        """Wait until every event batch this controller has received so far was handled, so a
+        gap is judged by what arrived, not by how far behind the handler is (a backlog after a
+        restart must not look like a loss and ask for inventories that are already on the way)."""
+        sub = self._events_subscription
+        if sub is None:
+            return
+        timeout = self.settings.controller_heartbeat_timeout
+        with anyio.move_on_after(timeout):
+            try:
+                await self.bus.flush(timeout)  # what the server sent before this is now queued
+            except TransportError:
+                return
+            target = self._events_handled + sub.pending()
+            while self._events_handled < target:
+                if self._events_progress is None:
+                    self._events_progress = anyio.Event()
+                await self._events_progress.wait()
+
+    def _handle_events(self, msg: Message) -> None:
+        try:
             batch = EventBatch.decode(msg.payload)
             arrays = batch.arrays()
         except (ValidationError, ValueError) as exc:
@@ -600,7 +633,10 @@ class Controller:
         key = (worker.instance_id, worker.worker_id)
         replayed = 0
         await anyio.sleep(grace)
-        while loc.gap_since == since:
+        while True:
+            await self._received_events_handled()  # a backlog is not a gap
+            if loc.gap_since != since:
+                return
             worker = self.workers.get(key)  # a registration of the same run keeps its locations
             if worker is None or worker.locations.get(loc.name) is not loc:
                 return  # it left, or a new run started afresh

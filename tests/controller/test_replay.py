@@ -88,6 +88,38 @@ def test_a_delayed_batch_overtaken_by_heartbeats_is_applied_without_a_resync(nat
         assert counter.count("cmd") == 0 and sum(counter.resets.values()) == 0
 
 
+def test_a_burst_of_batches_behind_a_slow_controller_converges_without_replay_or_resync(nats_url: str, make_instance) -> None:
+    with _started(nats_url, grace=0.2) as runner:
+        [a] = _indexed_instances(runner, make_instance, "inst-a")
+        controller = runner.controller
+        apply_batch = controller.apply_batch
+        holding = True
+
+        def hold_everything(topic: str, payload: bytes) -> str:
+            return "hold" if holding and topic.startswith(("events.", "heartbeat.")) else "pass"
+
+        def slow_apply(batch, arrays=None):
+            # each batch takes a while (a huge one, a loaded host): the ones after it queue up
+            # in the transport while heartbeats, on their own subscription, announce them
+            time.sleep(0.1)
+            return apply_batch(batch, arrays)
+
+        faulty = a.inject_faults(hold_everything)
+        for step in range(8):
+            a.store([500 + 8 * step + i for i in range(8)], seed=step)
+            a.sync()  # its own batches
+        # a heartbeat numbered after the last batch, so released after them
+        wait_for(lambda: faulty.held[-1][0].startswith("heartbeat."), what="a heartbeat after the batches")
+        runner.call(setattr, controller, "apply_batch", slow_apply)
+        try:
+            holding = False
+            assert a.on_worker_loop(faulty.release) >= 16  # a burst: seconds of work queued
+            _indexed(runner, a)
+        finally:
+            runner.call(setattr, controller, "apply_batch", apply_batch)
+        assert _metric(runner, "replays") == 0 and _metric(runner, "resyncs") == 0
+
+
 def test_batches_reordered_or_duplicated_on_the_way_converge_without_commands(nats_url: str, make_instance) -> None:
     with _started(nats_url, grace=WAIT) as runner:
         [a] = _indexed_instances(runner, make_instance, "inst-a")
