@@ -107,7 +107,8 @@ async def _command(
 ) -> CommandReply:
     """Send one command to one worker; transport problems become messages naming the worker."""
     topic = command_topic(instance, rank)
-    request = CommandRequest(event_id=uuid.uuid4().hex, command=command)
+    # a worker that reads it after we gave up drops it (a late clear would surprise the user)
+    request = CommandRequest(event_id=uuid.uuid4().hex, command=command, deadline=time.time() + args.timeout)
     try:
         payload = await bus.request(topic, request.encode(), timeout=args.timeout)
     except NoResponders:

@@ -182,6 +182,17 @@ class LMCacheSettings(BaseSettings):
     worker_event_flush_interval: float = Field(
         0.005, gt=0, description="Longest a worker holds a KV event before publishing it (seconds)."
     )
+    worker_replay_batches: int = Field(
+        1024, ge=0, description="Most recent event batches a worker retains to replay a range the "
+        "controller missed (older ones: a full resync of that location instead)."
+    )
+    worker_replay_bytes: int = Field(
+        32 * 1024 * 1024, ge=0, description="Most bytes of recent event batches a worker retains for replays."
+    )
+    controller_gap_grace: float = Field(
+        1.0, gt=0, description="Seconds a sequence gap may stand (the missing batches only delayed) "
+        "before the controller asks that worker to replay the range."
+    )
     controller_heartbeat_timeout: float = Field(
         5.0, gt=0, description="Seconds without a heartbeat after which the controller drops a worker."
     )

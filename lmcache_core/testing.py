@@ -5,20 +5,23 @@ the same fixtures: a fresh plugin manager, settings bound to a temporary directo
 the NATS transport installed) a real ``nats-server`` on a free port.
 
 ``running_nats_server()`` is the same server as a plain context manager, for benchmarks and
-examples outside pytest.
+examples outside pytest. ``FaultyBus`` wraps a connected bus to drop, hold (delay, reorder) or
+duplicate what is published through it, following a ``FaultPlan``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 import pluggy
 import pytest
 
 from lmcache_core.errors import PluginError
+from lmcache_core.transport import Handler, MessageBus, Subscription
 
 if TYPE_CHECKING:
     from lmcache_transport_nats.server import NatsServerProcess
@@ -86,3 +89,75 @@ def nats_server() -> Iterator["NatsServerProcess"]:
 def nats_url(nats_server: "NatsServerProcess") -> str:
     """``nats://127.0.0.1:<port>`` of the test's ``nats_server``."""
     return nats_server.url
+
+
+Fault = Literal["pass", "drop", "hold", "duplicate"]
+
+
+class FaultPlan:
+    """What happens to each message published on topics starting with ``prefix`` (default:
+    event batches): the next actions in order, then ``then``. Other topics pass.
+
+    >>> plan = FaultPlan("hold", "drop")
+    >>> [plan("events.a.0", b""), plan("heartbeat.a.0", b""), plan("events.a.0", b""), plan("events.a.0", b"")]
+    ['hold', 'pass', 'drop', 'pass']
+    """
+
+    def __init__(self, *actions: Fault, prefix: str = "events.", then: Fault = "pass") -> None:
+        self.actions: deque[Fault] = deque(actions)
+        self.prefix = prefix
+        self.then = then
+
+    def __call__(self, topic: str, payload: bytes) -> Fault:
+        if not topic.startswith(self.prefix):
+            return "pass"
+        return self.actions.popleft() if self.actions else self.then
+
+
+class FaultyBus(MessageBus):
+    """``inner`` with faults injected into what is published through it: ``plan(topic,
+    payload)`` says "pass", "drop", "duplicate" (published twice) or "hold" (kept until
+    ``release()``: a delay; released in reverse, a reorder). Everything else is ``inner``'s."""
+
+    def __init__(self, inner: MessageBus, plan: Callable[[str, bytes], Fault]) -> None:
+        self.inner = inner
+        self.plan = plan
+        self.held: list[tuple[str, bytes]] = []
+        self.dropped: list[tuple[str, bytes]] = []
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        action = self.plan(topic, payload)
+        if action == "drop":
+            self.dropped.append((topic, payload))
+        elif action == "hold":
+            self.held.append((topic, payload))
+        else:
+            await self.inner.publish(topic, payload)
+            if action == "duplicate":
+                await self.inner.publish(topic, payload)
+
+    async def release(self, reverse: bool = False) -> int:
+        """Publish what was held (oldest first, or newest first); returns how many."""
+        held, self.held = self.held, []
+        for topic, payload in reversed(held) if reverse else held:
+            await self.inner.publish(topic, payload)
+        return len(held)
+
+    async def request(self, topic: str, payload: bytes, timeout: float) -> bytes:
+        return await self.inner.request(topic, payload, timeout)
+
+    async def subscribe(self, topic: str, handler: Handler) -> Subscription:
+        return await self.inner.subscribe(topic, handler)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        await self.inner.flush(timeout)
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self.inner.on_reconnect(callback)
+
+    @property
+    def is_connected(self) -> bool:
+        return self.inner.is_connected
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -38,6 +38,11 @@ class Subscription(abc.ABC):
     @abc.abstractmethod
     async def unsubscribe(self) -> None: ...
 
+    def pending(self) -> int:
+        """Messages received for this subscription and not yet given to its handler (0 when the
+        transport cannot tell). With ``flush()`` first it tells a backlog from a loss."""
+        return 0
+
 
 class MessageBus(abc.ABC):
     """A connected client of the transport. Use as an async context manager or call aclose()."""

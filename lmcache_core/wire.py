@@ -25,18 +25,27 @@ id must encode to at most ``MAX_TOPIC_TOKEN`` bytes, see ``check_instance_id``):
 =================================  =========  =================================================
 
 Ordering and loss: ``EventBatch.seq`` counts a worker's batches per location from 1, within one
-``epoch`` (a fresh id per worker start). A receiver that sees a gap (or a heartbeat whose
-``last_seq`` is beyond what it applied) asks for a ``resync``; the worker then sends that
-location's whole inventory as batches whose first has ``reset=True``, continuing the same seq
-numbering, so the receiver converges to what the worker holds. Applying an admit twice or
-evicting an absent chunk is harmless by design, so replays converge.
+``epoch`` (a fresh id per worker start). A receiver holds batches that arrive ahead of a missing
+one and applies them in order once it arrives; a gap (a missing seq, or a heartbeat whose
+``last_seq`` is beyond what it applied) that outlives a grace period is repaired with a
+``replay`` of the missing range, which the worker re-publishes from the batches it retains
+(byte for byte, same seq). A range the worker no longer retains falls back to a ``resync``: the
+worker sends that location's whole inventory as batches whose first has ``reset=True``,
+continuing the same seq numbering, so the receiver converges to what the worker holds. Applying
+an admit twice or evicting an absent chunk is harmless by design, so replays converge.
+
+Deadlines: a ``CommandRequest`` carries ``deadline`` (Unix time: the sender's clock, so hosts
+keep their clocks in sync, e.g. NTP); a worker that reads a command after it answers
+``error_kind='expired'`` and does not carry it out, so a clear its sender gave up on (504) never
+happens later.
 
 Identity: every topic a worker publishes on names its instance and rank, and the receiver
 checks that the ids inside the message are the ones its topic names, so a bus that lets each
 instance publish only its own topics (``worker_topics``: NATS authorization permissions) also
 stops it from speaking for another.
 
-Versions: 3 puts the instance and rank into the registration topic (``register.<inst>.<w>``,
+Versions: 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
+``not_retained`` and ``expired``; 3 puts the instance and rank into the registration topic (``register.<inst>.<w>``,
 was ``register``), so bus permissions tell one instance's registrations from another's; 2
 escapes instance ids in topics byte by byte (``a.b`` -> ``a%2Eb``), so distinct ids never share
 a topic; 1 hex-encoded a whole id that was not plain, so ``a.b`` and a literal
@@ -52,7 +61,7 @@ from typing import Annotated, Literal, Union
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 #: characters a topic token keeps as they are; every other byte is escaped as ``%XX``
 _PLAIN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -281,23 +290,40 @@ class ResyncCommand(WireModel):
     locations: list[str] | None = Field(None, description="None: every location.")
 
 
+class ReplayCommand(WireModel):
+    """Publish again the retained batches ``first_seq`` .. ``last_seq`` of one location (those
+    beyond the last one published are skipped); 'not_retained' when the first is gone."""
+
+    op: Literal["replay"] = "replay"
+    location: str
+    first_seq: int = Field(ge=1)
+    last_seq: int = Field(ge=1)
+
+
 class PingCommand(WireModel):
     op: Literal["ping"] = "ping"
 
 
 Command = Annotated[
-    Union[ClearCommand, LookupCommand, ResyncCommand, PingCommand], Field(discriminator="op")
+    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand],
+    Field(discriminator="op"),
 ]
 
 
 class CommandRequest(WireModel):
     event_id: str = Field(description="Id the controller tracks (check_finish).")
     command: Command
+    deadline: float | None = Field(
+        None,
+        description="Unix time (the sender's clock) after which the worker must not carry the "
+        "command out: it answers error_kind 'expired' instead. None: no deadline.",
+    )
 
 
 class CommandReply(WireModel):
     """A worker's answer. ``error_kind`` is machine-readable: 'unknown_location', 'bad_request',
-    'internal'; ``error`` is the human message."""
+    'not_retained' (a replay of batches no longer kept), 'expired' (read after its deadline, not
+    carried out), 'internal'; ``error`` is the human message."""
 
     ok: bool
     instance_id: str
@@ -310,7 +336,7 @@ class CommandReply(WireModel):
     location: str | None = Field(None, description="lookup: the location holding most of the prefix.")
     last_seq: dict[str, int] | None = Field(
         None,
-        description="clear/resync: per location, the seq of the last batch published before "
+        description="clear/resync/replay: per location, the seq of the last batch published before "
         "replying (the batch holding the clear event for clear); the receiver ignores older batches.",
     )
     registration: WorkerRegistration | None = None

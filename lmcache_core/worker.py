@@ -9,7 +9,10 @@ portal) whose task group owns every task. The worker
   batch numbers per location; the engine's callback only appends to a deque, so the engine is
   never slowed by the bus;
 * heartbeats with the last batch number and chunk count per location;
-* answers ``clear``, ``lookup``, ``resync`` and ``ping`` commands on its command topic;
+* retains its recent batches (``worker_replay_batches`` / ``worker_replay_bytes``) and publishes
+  a range again on a ``replay`` command ('not_retained' when it is gone: the controller resyncs);
+* answers ``clear``, ``lookup``, ``resync``, ``replay`` and ``ping`` commands on its command
+  topic, and carries none out after its deadline (it answers 'expired' and logs it);
 * re-registers and resyncs when a controller says hello (to every worker, or to this run on
   its own hello topic) and after a transport reconnect;
 * says goodbye when it stops cleanly, so the controller drops its entries at once.
@@ -24,6 +27,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future
@@ -42,6 +46,7 @@ from pydantic import ValidationError
 from lmcache_core.errors import LMCacheError, NoResponders, RequestTimeout, UnknownLocationError
 from lmcache_core.events import EventKind, KVEvent
 from lmcache_core.keys import HASH_SCHEME
+from lmcache_core.retained import RetainedBatches
 from lmcache_core.transport import Message, MessageBus
 from lmcache_core.wire import (
     HELLO_TOPIC,
@@ -56,6 +61,7 @@ from lmcache_core.wire import (
     LookupCommand,
     PingCommand,
     RegistrationAck,
+    ReplayCommand,
     ResyncCommand,
     WorkerIdentity,
     WorkerRegistration,
@@ -156,6 +162,7 @@ class WorkerHandle:
         self._pending: collections.deque[KVEvent] = collections.deque()
         self._seq: dict[str, int] = {}
         self._clear_seq: dict[str, int] = {}  # per location, the batch holding the latest clear
+        self._retained = RetainedBatches(self.settings.worker_replay_batches, self.settings.worker_replay_bytes)
         self._publish_failing = False
         self._registered = threading.Event()
         self.registrations = 0
@@ -465,14 +472,16 @@ class WorkerHandle:
             )
             if (batch_kinds == EventKind.CLEAR).any():
                 self._clear_seq[location] = seq
+            payload = batch.encode()
+            self._retained.add(location, seq, payload)  # a lost one can be replayed
             if bus is None:
                 continue
             try:
-                await bus.publish(topic, batch.encode())
+                await bus.publish(topic, payload)
             except LMCacheError as exc:
                 if not self._publish_failing:  # once per outage, not once per batch
                     log.warning(
-                        "publishing events for %s failed (a resync will repair): %s", location, exc
+                        "publishing events for %s failed (a replay will repair): %s", location, exc
                     )
                 self._publish_failing = True
             else:
@@ -502,6 +511,30 @@ class WorkerHandle:
                 kinds = np.full(n, EventKind.ADMIT, dtype=np.uint8)
                 await self._publish_arrays(name, kinds, hashes, tokens, reset=True)
             return {name: self._seq.get(name, 0) for name in wanted}
+
+    async def _replay(self, command: ReplayCommand) -> CommandReply:
+        """Publish the retained batches of the range again, then reply with the last one's seq."""
+        assert self._publish_lock is not None
+        location = command.location
+        if location not in self.engine.backends:
+            raise UnknownLocationError(location, self.engine.locations)
+        async with self._publish_lock:
+            last = min(command.last_seq, self._seq.get(location, 0))
+            payloads = self._retained.range(location, command.first_seq, last)
+            if payloads is None:
+                return self._reply(
+                    ok=False,
+                    error_kind="not_retained",
+                    error=f"batches {command.first_seq}..{last} of '{location}' are no longer "
+                    f"retained (oldest kept: {self._retained.oldest(location)})",
+                )
+            bus = self._bus
+            if bus is None:
+                raise LMCacheError("not connected to the bus")
+            topic = events_topic(self.identity.instance_id, self.identity.worker_id)
+            for payload in payloads:
+                await bus.publish(topic, payload)
+        return self._reply(ok=True, location=location, last_seq={location: last})
 
     async def _sync(self, timeout: float) -> bool:
         assert self._publish_lock is not None
@@ -575,6 +608,18 @@ class WorkerHandle:
                 ok=False, error_kind="bad_request", error=_explain_bad_request(payload, exc)
             )
         command = request.command
+        late = time.time() - request.deadline if request.deadline is not None else 0.0
+        if late > 0:
+            # the sender gave up on it (a clear answered 504): carrying it out now would surprise
+            log.warning(
+                "dropped a %s command that arrived %.3f s after its deadline (event %s)",
+                command.op, late, request.event_id,
+            )
+            return self._reply(
+                ok=False,
+                error_kind="expired",
+                error=f"{command.op} arrived {late:.3f} s after its deadline; not carried out",
+            )
         try:
             if isinstance(command, ClearCommand):
                 return await self._clear(command.location)
@@ -582,6 +627,8 @@ class WorkerHandle:
                 return await self._lookup(command.tokens)
             if isinstance(command, ResyncCommand):
                 return self._reply(ok=True, last_seq=await self._resync(command.locations))
+            if isinstance(command, ReplayCommand):
+                return await self._replay(command)
             if isinstance(command, PingCommand):
                 return self._reply(
                     ok=True, registration=self.registration(), last_seq=dict(self._seq)

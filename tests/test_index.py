@@ -385,3 +385,39 @@ def test_malformed_batches_and_unknown_holders_raise_index_errors() -> None:
         index.evict(42, u64([1]))
     assert isinstance(IndexInputError("x"), LMCacheError)
     assert index.num_entries() == 0  # nothing half-applied
+
+
+def test_incarnations_are_recycled_so_endless_clears_and_registrations_never_run_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    empty = KVIndex()
+    h = empty.holder_id("vllm-0", 0, "cpu")
+    for _ in range(100_000):  # an empty holder leaves nothing behind: its number is free at once
+        empty.clear_holder(h)
+    assert empty.incarnations_made <= 2
+
+    # with entries left behind, numbers come back after a rebuild; with only 48 numbers (the
+    # u32 of a real index, scaled down) a rebuild is forced whenever they run out
+    monkeypatch.setattr("lmcache_core.controller.index._MAX_INCARNATION", 50)
+    rng = random.Random(5)
+    index = KVIndex(rebuild_step=64)
+    model = ModelIndex()
+    pool = [rng.getrandbits(64) for _ in range(400)]
+    for step in range(3000):
+        name = f"vllm-{step % 7}"  # instances come and go: a registration is a new holder
+        h = index.holder_id(name, 0, "cpu")
+        model.held.setdefault(h, {})
+        keys = [rng.choice(pool) for _ in range(rng.randrange(1, 40))]
+        toks = [rng.randrange(1, 300) for _ in keys]
+        index.admit(h, u64(keys), u32(toks))
+        model.held[h].update(zip(keys, toks))
+        if rng.random() < 0.5:
+            assert index.clear_holder(h) == sum(model.held[h].values())
+            model.held[h].clear()
+        if rng.random() < 0.3:
+            index.remove_holder(h)
+            del model.held[h]
+        query = [rng.choice(pool) for _ in range(16)]
+        assert as_lists(index.lookup(u64(query))) == model.lookup(query), step
+        assert index.num_entries() == sum(len(e) for e in model.held.values()), step
+    assert index.incarnations_made <= 49

@@ -16,7 +16,10 @@ batch must be applied with a handful of numpy calls, not one Python step per ent
 * per bucket of 4 home slots, ``end`` records one past the furthest slot any entry homed there
   was pushed to, so a search reads exactly one window per key, cut with ``np.repeat``;
 * clearing or removing a holder retires its incarnation (O(1)); the dead entries, like
-  tombstones, stay until the table is rebuilt;
+  tombstones, stay until the table is rebuilt. Incarnation numbers are recycled: one that left
+  no entry behind at once, one that did once a rebuild that began after its retirement is
+  complete (that rebuild copied none of its entries). So the numbers in use stay bounded by the
+  holders plus the dead entries, and the u32 never runs out; should it, a rebuild is forced;
 * the rebuild (growing, shrinking or dropping garbage) is incremental: a fresh table is filled
   region by region on later mutating calls, while keys are routed to whichever table holds
   their home range. The home of a key is monotone in its mixed hash (the hash scaled to the
@@ -26,6 +29,7 @@ batch must be applied with a handful of numpy calls, not one Python step per ent
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +64,7 @@ _MIGRATE_MIN_SLOTS = 1 << 16  # old-table slots moved per mutating call during a
 _OLD_LOAD_LIMIT = 0.85  # the table being moved still takes admits for its part, up to this load
 _MAX_SHRINK = 12  # a rebuild's new capacity is at least 1/12 of the old table's size
 _U32_MAX = (1 << 32) - 1
+_MAX_INCARNATION = _U32_MAX  # incarnations are stored as u32
 _DENSE_MASK_LIMIT = 1 << 20  # lookups lay out one mask per holder row up to this many cells
 
 ADMIT = int(EventKind.ADMIT)
@@ -341,6 +346,9 @@ class KVIndex:
         self._chunks = np.zeros(64, dtype=np.int64)
         self._tokens = np.zeros(64, dtype=np.int64)
         self._next_inc = _FIRST_INCARNATION
+        self._free_incs = array("I")  # retired, no entry of theirs left in any table
+        self._dead_incs = array("I")  # retired with entries left: free after the next rebuild
+        self._dead_incs_moving = array("I")  # retired before the running rebuild: free after it
         self._ids: dict[tuple[str, int, str], int] = {}
         self._triples: dict[int, tuple[str, int, str]] = {}
         self._inc: dict[int, int] = {}
@@ -400,25 +408,45 @@ class KVIndex:
             ) from None
 
     def _new_incarnation(self, holder: int) -> int:
-        inc = self._next_inc
-        self._next_inc += 1
-        if inc >= len(self._row_of):
-            self._row_of = np.concatenate([self._row_of, np.zeros_like(self._row_of)])
-            self._chunks = np.concatenate([self._chunks, np.zeros_like(self._chunks)])
-            self._tokens = np.concatenate([self._tokens, np.zeros_like(self._tokens)])
-        if inc > _U32_MAX:
-            raise LMCacheError("the index ran out of holder incarnations (2**32 clears)")
+        if not self._free_incs and self._next_inc > _MAX_INCARNATION:
+            self._collect_incarnations()
+        if self._free_incs:
+            inc = self._free_incs.pop()
+        else:
+            inc = self._next_inc
+            self._next_inc += 1
+            if inc > _MAX_INCARNATION:
+                raise LMCacheError("the index ran out of holder incarnations (2**32 in use)")
+            if inc >= len(self._row_of):
+                self._row_of = np.concatenate([self._row_of, np.zeros_like(self._row_of)])
+                self._chunks = np.concatenate([self._chunks, np.zeros_like(self._chunks)])
+                self._tokens = np.concatenate([self._tokens, np.zeros_like(self._tokens)])
         self._row_of[inc] = self._rows[holder]
         return inc
+
+    def _collect_incarnations(self) -> None:
+        """Every number is taken: a full rebuild drops the dead entries, freeing their numbers."""
+        self.settle()
+        if not self._free_incs and self._dead_incs:
+            self._start_rebuild(self._table.cap, 0)  # same room: a batch may be half applied
+            self.settle()
 
     def _retire(self, inc: int) -> int:
         """Kill an incarnation in O(1); returns the tokens it held."""
         tokens = int(self._tokens[inc])
-        self._live -= int(self._chunks[inc])
+        chunks = int(self._chunks[inc])
+        self._live -= chunks
         self._row_of[inc] = 0
         self._chunks[inc] = 0
         self._tokens[inc] = 0
+        # no slot names an incarnation without live entries (evicted ones are tombstones)
+        (self._dead_incs if chunks else self._free_incs).append(inc)
         return tokens
+
+    @property
+    def incarnations_made(self) -> int:
+        """How many distinct incarnation numbers were ever handed out (recycled ones count once)."""
+        return self._next_inc - _FIRST_INCARNATION
 
     def clear_holder(self, holder: int) -> int:
         """Forget all the holder holds; it stays registered, empty. Returns the tokens removed."""
@@ -662,15 +690,21 @@ class KVIndex:
             # never shrink by more than _MAX_SHRINK at once: the new table must have room for
             # what arrives while the old one is moved, and the move must stay a few slots
             # per unit of work so that no call stalls
-            cap = max(wanted, len(table.keys) // _MAX_SHRINK)
-            self._old = table
-            self._table = _Table(cap)
-            self._moved_to = 0
-            headroom = max(1.0, _MAX_LOAD * cap - self._live - incoming)
-            # twice the pace that just fits, so the old table's load barely rises meanwhile
-            self._move_rate = 2 * int(np.ceil(len(table.keys) / headroom))
+            self._start_rebuild(max(wanted, len(table.keys) // _MAX_SHRINK), incoming)
             if len(table.keys) <= 4 * self._rebuild_step:
                 self.settle()  # small tables are cheaper to move at once
+
+    def _start_rebuild(self, cap: int, incoming: int) -> None:
+        """Begin moving the live entries into a fresh table of ``cap`` home slots."""
+        table = self._table
+        self._old = table
+        self._table = _Table(cap)
+        self._moved_to = 0
+        headroom = max(1.0, _MAX_LOAD * cap - self._live - incoming)
+        # twice the pace that just fits, so the old table's load barely rises meanwhile
+        self._move_rate = 2 * int(np.ceil(len(table.keys) / headroom))
+        # the dead so far have entries only in the old table, which this rebuild discards
+        self._dead_incs_moving, self._dead_incs = self._dead_incs, array("I")
 
     def _advance(self, work: int) -> None:
         """Move a share of the old table proportional to ``work`` while a rebuild runs."""
@@ -693,3 +727,5 @@ class KVIndex:
         self._moved_to = stop
         if stop >= len(old.keys):
             self._old = None
+            self._free_incs.extend(self._dead_incs_moving)
+            self._dead_incs_moving = array("I")

@@ -57,36 +57,31 @@ class ControllerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.events_applied = Counter(
-            "lmcache_controller_events_applied", "KV events applied to the index.", registry=r
+
+        def counter(name: str, documentation: str, *labels: str) -> Counter:
+            return Counter(f"lmcache_controller_{name}", documentation, labels, registry=r)
+
+        self.events_applied = counter("events_applied", "KV events applied to the index.")
+        self.batches_ignored = counter(
+            "batches_ignored",
+            "Event batches ignored (stale, duplicate, unknown worker, more held than kept).",
+            "reason",
         )
-        self.batches_ignored = Counter(
-            "lmcache_controller_batches_ignored",
-            "Event batches ignored (stale, duplicate, unknown worker, awaiting a resync).",
-            ["reason"],
-            registry=r,
+        self.identity_refused = counter(
+            "identity_refused", "Messages refused because the ids inside differ from those their topic names.", "kind"
         )
-        self.identity_refused = Counter(
-            "lmcache_controller_identity_refused",
-            "Messages refused because the ids inside differ from those their topic names.",
-            ["kind"],
-            registry=r,
+        self.seq_gaps = counter("sequence_gaps", "Event-batch sequence gaps detected.")
+        self.resyncs = counter(
+            "resyncs", "Full resyncs of one worker's location asked for (registrations' own not counted)."
         )
-        self.seq_gaps = Counter(
-            "lmcache_controller_sequence_gaps", "Event-batch sequence gaps detected.", registry=r
+        self.replays = counter("replays", "Replays of a missing batch range asked of one worker.")
+        self.batches_held = counter("batches_held", "Batches that arrived ahead of a missing one and waited.")
+        self.late_batches_applied = counter(
+            "late_batches_applied", "Held batches applied in order once what came before them arrived."
         )
-        self.resyncs = Counter(
-            "lmcache_controller_resyncs", "Resync commands sent to workers.", registry=r
-        )
-        self.registrations = Counter(
-            "lmcache_controller_registrations", "Worker registrations accepted.", registry=r
-        )
-        self.workers_expired = Counter(
-            "lmcache_controller_workers_expired", "Workers dropped after missing heartbeats.", registry=r
-        )
-        self.workers_left = Counter(
-            "lmcache_controller_workers_left", "Workers removed on their goodbye (a clean stop).", registry=r
-        )
+        self.registrations = counter("registrations", "Worker registrations accepted.")
+        self.workers_expired = counter("workers_expired", "Workers dropped after missing heartbeats.")
+        self.workers_left = counter("workers_left", "Workers removed on their goodbye (a clean stop).")
         self.worker_removal_seconds = Histogram(
             "lmcache_controller_worker_removal_seconds",
             "Time to remove a dead worker's entries from the index.",

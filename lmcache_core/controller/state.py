@@ -8,12 +8,14 @@ Workers speak the protocol of ``lmcache_core.wire``:
 * ``register.<inst>.<w>`` (request): a worker's identity, hashing and locations; a new
   ``epoch`` (the worker restarted) empties what the index held for it. The ack asks for a
   resync, which arrives as event batches whose first has ``reset=True``.
-* ``events.<inst>.<w>``: ordered ``EventBatch``es per location. A batch whose ``seq`` is not the
-  next one is a gap: the controller asks that worker for a resync and ignores its batches at
-  that location until the reset arrives. Batches at or below what a clear covered are ignored.
-* ``heartbeat.<inst>.<w>``: liveness plus ``last_seq`` per location. A sequence number a
-  heartbeat announced that is still not applied by the next heartbeat means batches were lost
-  (a broker restart, a full buffer): resync. A worker silent for
+* ``events.<inst>.<w>``: ordered ``EventBatch``es per location. A batch ahead of a missing one
+  is held (a bounded number per location) and applied in order once the missing one arrives.
+  Batches at or below what a clear covered are ignored.
+* ``heartbeat.<inst>.<w>``: liveness plus ``last_seq`` per location, which may overtake the
+  batches it announces (another subscription): it only tells what exists. A gap, known from a
+  held batch or a heartbeat, may stand for ``controller_gap_grace`` seconds; then that worker is
+  asked to ``replay`` the missing range from the batches it retains, and to resync that
+  location only when it no longer retains them. A worker silent for
   ``controller_heartbeat_timeout`` seconds leaves the index (``remove_holder``). A heartbeat
   from a run the controller does not know gets a hello on that worker's own topic, naming its
   epoch: it alone registers again.
@@ -83,6 +85,7 @@ from lmcache_core.wire import (
     Hello,
     PingCommand,
     RegistrationAck,
+    ReplayCommand,
     ResyncCommand,
     WireModel,
     WorkerIdentity,
@@ -105,6 +108,10 @@ EVENT_HISTORY = 65_536
 HELLO_MIN_INTERVAL = 1.0
 #: unknown workers whose last hello time is remembered (beyond it, the oldest are forgotten)
 _HELLO_MEMORY = 4096
+#: batches held per location while an earlier one is missing (more: left to the replay)
+MAX_HELD_BATCHES = 64
+#: replays answered for one gap that still did not close it before a resync is asked for
+REPLAYS_BEFORE_RESYNC = 2
 
 HashingKey = tuple[str, int, str]  # scheme, chunk_size, namespace
 _Claim = TypeVar("_Claim", bound=WorkerIdentity)
@@ -119,11 +126,14 @@ class LocationState:
     #: place in the worker's location list (fastest first); breaks ties in lookups
     position: int = 0
     applied_seq: int = 0
-    #: the last_seq of the previous heartbeat: batches up to it should have arrived by now
-    claimed_seq: int = 0
+    #: the highest seq known to exist (a batch received, a heartbeat's last_seq)
+    known_seq: int = 0
+    #: batches received ahead of a missing one (or of the awaited reset), by seq
+    held: dict[int, tuple[EventBatch, tuple[np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    #: monotonic time the current gap (known_seq > applied_seq) was noticed; None: no gap
+    gap_since: float | None = None
     #: a resync was asked for (or a registration promised one): only a reset batch applies
     awaiting_reset: bool = True
-    resync_in_flight: bool = False
 
 
 @dataclass
@@ -239,6 +249,10 @@ class Controller:
         #: what lookups need about every live holder, as arrays
         self._layout = LayoutTable()
         self._subscriptions: list[Subscription] = []
+        self._events_subscription: Subscription | None = None
+        #: event-batch messages handled so far, and an event set when that count moves
+        self._events_handled = 0
+        self._events_progress: anyio.Event | None = None
         self._tg: TaskGroup | None = None
         #: (instance, rank, epoch) of an unknown run -> when it was last asked to register
         self._asked: OrderedDict[tuple[str, int, str], float] = OrderedDict()
@@ -250,10 +264,11 @@ class Controller:
         """Subscribe to the workers' topics, start housekeeping in ``tg``, and say hello."""
         self._tg = tg
         bus = self.bus
+        self._events_subscription = await bus.subscribe(EVENTS_WILDCARD, self._on_events)
         self._subscriptions = [
             await bus.subscribe(REGISTER_WILDCARD, self._on_register),
             await bus.subscribe(LEGACY_REGISTER_TOPIC, self._on_legacy_register),
-            await bus.subscribe(EVENTS_WILDCARD, self._on_events),
+            self._events_subscription,
             await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat),
             await bus.subscribe(GOODBYE_WILDCARD, self._on_goodbye),
         ]
@@ -498,6 +513,34 @@ class Controller:
 
     async def _on_events(self, msg: Message) -> None:
         try:
+            self._handle_events(msg)
+        finally:
+            self._events_handled += 1
+            if self._events_progress is not None:
+                self._events_progress.set()
+                self._events_progress = None
+
+    async def _received_events_handled(self) -> None:
+        """Wait until every event batch this controller has received so far was handled, so a
+        gap is judged by what arrived, not by how far behind the handler is (a backlog after a
+        restart must not look like a loss and ask for inventories that are already on the way)."""
+        sub = self._events_subscription
+        if sub is None:
+            return
+        timeout = self.settings.controller_heartbeat_timeout
+        with anyio.move_on_after(timeout):
+            try:
+                await self.bus.flush(timeout)  # what the server sent before this is now queued
+            except TransportError:
+                return
+            target = self._events_handled + sub.pending()
+            while self._events_handled < target:
+                if self._events_progress is None:
+                    self._events_progress = anyio.Event()
+                await self._events_progress.wait()
+
+    def _handle_events(self, msg: Message) -> None:
+        try:
             batch = EventBatch.decode(msg.payload)
             arrays = batch.arrays()
         except (ValidationError, ValueError) as exc:
@@ -512,7 +555,8 @@ class Controller:
     def apply_batch(
         self, batch: EventBatch, arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     ) -> bool:
-        """Apply one batch if it is the next in its sequence; returns whether it was applied."""
+        """Apply one batch if it is the next in its sequence (then the held batches it was
+        holding up); hold one that is ahead of a missing one. Returns whether it was applied."""
         if batch.version != PROTOCOL_VERSION:
             self.metrics.batches_ignored.labels("protocol_version").inc()
             return False
@@ -527,20 +571,27 @@ class Controller:
         if batch.seq <= loc.applied_seq:
             self.metrics.batches_ignored.labels("stale").inc()
             return False
-        if not batch.reset:
-            if loc.awaiting_reset:
-                self.metrics.batches_ignored.labels("awaiting_resync").inc()
-                return False
-            if batch.seq != loc.applied_seq + 1:
-                self.metrics.seq_gaps.inc()
-                self.metrics.batches_ignored.labels("gap").inc()
-                log.info(
-                    "sequence gap from %s at %s: expected %d, got %d; resyncing",
-                    worker.name, loc.name, loc.applied_seq + 1, batch.seq,
-                )
-                self._request_resync(worker, loc)
-                return False
-        kinds, hashes, tokens = arrays if arrays is not None else batch.arrays()
+        arrays = arrays if arrays is not None else batch.arrays()
+        loc.known_seq = max(loc.known_seq, batch.seq)
+        if batch.reset or (not loc.awaiting_reset and batch.seq == loc.applied_seq + 1):
+            self._apply(loc, batch, arrays)
+            self._drain(worker, loc)
+            return True
+        # ahead of a missing batch (or of the awaited reset): it waits for what comes before it
+        if batch.seq in loc.held:
+            self.metrics.batches_ignored.labels("duplicate").inc()
+        elif len(loc.held) >= MAX_HELD_BATCHES:
+            self.metrics.batches_ignored.labels("held_full").inc()  # the replay sends it again
+        else:
+            loc.held[batch.seq] = (batch, arrays)
+            self.metrics.batches_held.inc()
+        self._note_gap(worker, loc)
+        return False
+
+    def _apply(
+        self, loc: LocationState, batch: EventBatch, arrays: tuple[np.ndarray, np.ndarray, np.ndarray]
+    ) -> None:
+        kinds, hashes, tokens = arrays
         if batch.reset:
             self.index.clear_holder(loc.holder)
             loc.awaiting_reset = False
@@ -551,7 +602,64 @@ class Controller:
                 self.index.apply(loc.holder, kinds, hashes, tokens)
         loc.applied_seq = batch.seq
         self.metrics.events_applied.inc(len(kinds))
-        return True
+
+    def _drain(self, worker: WorkerState, loc: LocationState) -> None:
+        """Apply the held batches that are next in order now; close or keep the gap."""
+        held = loc.held
+        for seq in [s for s in held if s <= loc.applied_seq]:
+            del held[seq]  # covered by a reset or a clear
+        while not loc.awaiting_reset and (nxt := held.pop(loc.applied_seq + 1, None)) is not None:
+            self._apply(loc, *nxt)
+            self.metrics.late_batches_applied.inc()
+        if loc.known_seq > loc.applied_seq:
+            self._note_gap(worker, loc)
+        else:
+            loc.gap_since = None
+
+    def _note_gap(self, worker: WorkerState, loc: LocationState) -> None:
+        """Start the grace period of a gap, unless one runs already."""
+        if loc.gap_since is not None:
+            return
+        loc.gap_since = time.monotonic()
+        self.metrics.seq_gaps.inc()
+        if self._tg is not None:
+            self._tg.start_soon(self._mend_gap, worker, loc, loc.gap_since)
+
+    async def _mend_gap(self, worker: WorkerState, loc: LocationState, since: float) -> None:
+        """Once a gap has stood for the grace period: replay the range (resync when it is no
+        longer retained, or replays did not close it), and again after each repair's own grace
+        period until it closes."""
+        grace = self.settings.controller_gap_grace
+        key = (worker.instance_id, worker.worker_id)
+        replayed = 0
+        await anyio.sleep(grace)
+        while True:
+            await self._received_events_handled()  # a backlog is not a gap
+            if loc.gap_since != since:
+                return
+            worker = self.workers.get(key)  # a registration of the same run keeps its locations
+            if worker is None or worker.locations.get(loc.name) is not loc:
+                return  # it left, or a new run started afresh
+            log.info(
+                "%s at %s: batches %d..%d missing for %.1f s",
+                worker.name, loc.name, loc.applied_seq + 1, loc.known_seq, time.monotonic() - since,
+            )
+            if loc.awaiting_reset or replayed >= REPLAYS_BEFORE_RESYNC:
+                await self._resync(worker, loc)  # replays that did not close it: start afresh
+            else:
+                replayed += await self._replay(worker, loc)
+            await anyio.sleep(grace)  # what the repair sent may still be on its way
+
+    async def _replay(self, worker: WorkerState, loc: LocationState) -> bool:
+        """Ask the worker to publish the missing range again; False when it could not (a
+        range no longer retained falls back to a resync of that location)."""
+        self.metrics.replays.inc()
+        command = ReplayCommand(location=loc.name, first_seq=loc.applied_seq + 1, last_seq=loc.known_seq)
+        reply = await self._tracked_command(worker, command, "replay")
+        if reply is not None and reply.error_kind == "not_retained":
+            log.info("%s no longer retains %s batches %d..: resyncing", worker.name, loc.name, command.first_seq)
+            await self._resync(worker, loc)
+        return reply is not None and reply.ok
 
     async def _on_heartbeat(self, msg: Message) -> None:
         beat = self._decode_claim(msg, Heartbeat, heartbeat_topic, "heartbeat")
@@ -570,41 +678,36 @@ class Controller:
         worker.last_seen = time.monotonic()
         worker.last_heartbeat_time = time.time()
         for name, loc in worker.locations.items():
-            announced = beat.last_seq.get(name, 0)
-            if loc.claimed_seq > loc.applied_seq and not loc.resync_in_flight:
-                log.info(
-                    "%s at %s announced seq %d but only %d arrived; resyncing",
-                    worker.name, name, loc.claimed_seq, loc.applied_seq,
-                )
-                self._request_resync(worker, loc)
-            loc.claimed_seq = announced
-
-    def _request_resync(self, worker: WorkerState, loc: LocationState) -> None:
-        loc.awaiting_reset = True
-        if loc.resync_in_flight or self._tg is None:
-            return
-        loc.resync_in_flight = True
-        self._tg.start_soon(self._resync, worker, loc)
+            # the batches announced may only be delayed: the gap's grace period decides
+            loc.known_seq = max(loc.known_seq, beat.last_seq.get(name, 0))
+            if loc.known_seq > loc.applied_seq:
+                self._note_gap(worker, loc)
 
     async def _resync(self, worker: WorkerState, loc: LocationState) -> None:
+        """Ask for one location's whole inventory (only its reset batch applies meanwhile)."""
+        loc.awaiting_reset = True
         self.metrics.resyncs.inc()
-        event_id = self.events.start("resync")
+        await self._tracked_command(worker, ResyncCommand(locations=[loc.name]), "resync")
+
+    async def _tracked_command(self, worker: WorkerState, command: Any, kind: str) -> CommandReply | None:
+        """Send a command under a ``/check_finish`` id of ``kind``; its reply (None: no answer)."""
+        event_id = self.events.start(kind)
         try:
-            reply = await self._command(worker, ResyncCommand(locations=[loc.name]), event_id)
+            reply = await self._command(worker, command, event_id)
         except LMCacheError as exc:
             self.events.finish(event_id, ok=False, detail=str(exc))
-            log.warning("resync of %s at %s failed: %s", worker.name, loc.name, exc)
-        else:
-            self.events.finish(event_id, ok=reply.ok, detail=reply.error)
-        finally:
-            loc.resync_in_flight = False
+            log.warning("%s of %s failed: %s", kind, worker.name, exc)
+            return None
+        self.events.finish(event_id, ok=reply.ok, detail=reply.error)
+        return reply
 
     # --- commands ----------------------------------------------------------------------------
     async def _command(self, worker: WorkerState, command: Any, event_id: str) -> CommandReply:
         """Send one command to one worker and read its reply."""
-        payload = CommandRequest(event_id=event_id, command=command).encode()
-        topic = command_topic(worker.instance_id, worker.worker_id)
         timeout = self.settings.controller_command_timeout
+        # past this the worker drops it: a command we gave up on is never carried out later
+        payload = CommandRequest(event_id=event_id, command=command, deadline=time.time() + timeout).encode()
+        topic = command_topic(worker.instance_id, worker.worker_id)
         try:
             # the outer bound keeps a misbehaving transport from hanging the request
             with anyio.fail_after(timeout + 1.0):
@@ -713,6 +816,8 @@ class Controller:
         if last is not None:
             # batches before the one holding the clear are covered by it
             loc.applied_seq = max(loc.applied_seq, last - 1)
+            loc.known_seq = max(loc.known_seq, last)
+            self._drain(worker, loc)
 
     async def health(self, instance_id: str) -> HealthResponse:
         """Ping every rank of an instance."""

@@ -83,9 +83,9 @@ class SyntheticWorker:
         topic = command_topic(self.ident.instance_id, self.ident.worker_id)
         self._sub = await self.bus.subscribe(topic, handle)
 
-    def reply(self, **fields: object) -> CommandReply:
+    def reply(self, ok: bool = True, **fields: object) -> CommandReply:
         return CommandReply(
-            ok=True, instance_id=self.ident.instance_id, worker_id=self.ident.worker_id,
+            ok=ok, instance_id=self.ident.instance_id, worker_id=self.ident.worker_id,
             epoch=self.ident.epoch, **fields,  # type: ignore[arg-type]
         )
 

@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +25,10 @@ from lmcache_core.controller.server import ControllerHandle, running_controller
 from lmcache_core.controller.state import Controller
 from lmcache_core.engine import CacheEngine, EngineMetadata
 from lmcache_core.errors import LMCacheError
-from lmcache_core.plugins import get_plugin_manager
+from lmcache_core.plugins import get_plugin_manager, resolve_transport
+from lmcache_core.testing import FaultyBus, FaultPlan
+from lmcache_core.transport import Message
+from lmcache_core.wire import EventBatch, Heartbeat
 from lmcache_core.worker import WorkerHandle, start_worker
 
 T = TypeVar("T")
@@ -130,6 +135,48 @@ class ControllerRunner:
         self.stop()
 
 
+class BusCounter:
+    """Counts every message under the bus prefix by topic; keeps event batches and heartbeats."""
+
+    def __init__(self) -> None:
+        self.topics: Counter[str] = Counter()
+        self.resets: Counter[str] = Counter()  # reset batches per topic
+        self.beats: Counter[str] = Counter()  # heartbeats per epoch
+        self.last_beat: dict[str, Heartbeat] = {}  # the latest heartbeat per topic
+        self._lock = threading.Lock()
+
+    async def __call__(self, msg: Message) -> None:
+        with self._lock:
+            self.topics[msg.topic] += 1
+            if msg.topic.startswith("events."):
+                if EventBatch.decode(msg.payload).reset:
+                    self.resets[msg.topic] += 1
+            elif msg.topic.startswith("heartbeat."):
+                beat = Heartbeat.decode(msg.payload)
+                self.beats[beat.epoch] += 1
+                self.last_beat[msg.topic] = beat
+
+    def count(self, prefix: str) -> int:
+        with self._lock:
+            return sum(n for topic, n in self.topics.items() if topic == prefix or topic.startswith(prefix + "."))
+
+
+@contextmanager
+def counting(nats_url: str) -> Iterator[BusCounter]:
+    """A ``BusCounter`` listening on the test's bus for the block."""
+    counter = BusCounter()
+    settings = controller_settings()
+    with start_blocking_portal() as portal:
+        bus = portal.call(resolve_transport(get_plugin_manager(), "nats").connect, settings, nats_url)
+        try:
+            portal.call(bus.subscribe, ">", counter)
+            portal.call(bus.flush)
+            yield counter
+            portal.call(bus.flush)
+        finally:
+            portal.call(bus.aclose)
+
+
 def kv(num_tokens: int, seed: int = 0) -> torch.Tensor:
     """Deterministic KV ``[2 layers, 2, tokens, 8]`` bfloat16."""
     gen = torch.Generator().manual_seed(seed)
@@ -173,6 +220,22 @@ class Instance:
     def sync(self) -> None:
         assert self.worker.wait_registered(WAIT), f"{self.instance_id} never registered"
         assert self.worker.sync(WAIT), f"{self.instance_id} could not publish its events"
+
+    def inject_faults(self, plan: FaultPlan) -> FaultyBus:
+        """Put a ``FaultyBus`` between this worker and its bus (until it reconnects)."""
+        worker = self.worker
+
+        def wrap() -> FaultyBus:
+            assert worker._bus is not None, "the worker is not connected"
+            worker._bus = faulty = FaultyBus(worker._bus, plan)
+            return faulty
+
+        return self.on_worker_loop(wrap)
+
+    def on_worker_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` (a function or a coroutine function) on the worker's event loop."""
+        assert self.worker._portal is not None
+        return self.worker._portal.call(fn, *args)
 
     def inventory_counts(self) -> dict[tuple[str, int, str], int]:
         return {

@@ -5,64 +5,18 @@ disturbing it, and a cleanly stopped worker leaves the index at once. Messages a
 from __future__ import annotations
 
 import logging
-import threading
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from anyio.from_thread import start_blocking_portal
 
-from lmcache_core.plugins import get_plugin_manager, resolve_transport
-from lmcache_core.transport import Message
-from lmcache_core.wire import HELLO_TOPIC, EventBatch, Heartbeat, hello_topic, register_topic
+from lmcache_core.wire import HELLO_TOPIC, hello_topic, register_topic
 
-from .support import PROMPT, ControllerRunner, Instance, controller_settings, wait_for
+from .support import PROMPT, ControllerRunner, Instance, controller_settings, counting, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
 CPU = "LocalCPUBackend"
 OTHER_PROMPT = [7, 8, 9, 10, 11, 12, 13, 14]
-
-
-class BusCounter:
-    """Counts every message under the bus prefix by topic; keeps event batches and heartbeats."""
-
-    def __init__(self) -> None:
-        self.topics: Counter[str] = Counter()
-        self.resets: Counter[str] = Counter()  # reset batches per topic
-        self.beats: Counter[str] = Counter()  # heartbeats per epoch
-        self._lock = threading.Lock()
-
-    async def __call__(self, msg: Message) -> None:
-        with self._lock:
-            self.topics[msg.topic] += 1
-            if msg.topic.startswith("events."):
-                if EventBatch.decode(msg.payload).reset:
-                    self.resets[msg.topic] += 1
-            elif msg.topic.startswith("heartbeat."):
-                self.beats[Heartbeat.decode(msg.payload).epoch] += 1
-
-    def count(self, prefix: str) -> int:
-        with self._lock:
-            return sum(n for topic, n in self.topics.items() if topic == prefix or topic.startswith(prefix + "."))
-
-
-@contextmanager
-def counting(nats_url: str) -> Iterator[BusCounter]:
-    """A ``BusCounter`` listening on the test's bus for the block."""
-    counter = BusCounter()
-    settings = controller_settings()
-    with start_blocking_portal() as portal:
-        bus = portal.call(resolve_transport(get_plugin_manager(), "nats").connect, settings, nats_url)
-        try:
-            portal.call(bus.subscribe, ">", counter)
-            portal.call(bus.flush)
-            yield counter
-            portal.call(bus.flush)
-        finally:
-            portal.call(bus.aclose)
 
 
 def _indexed(runner: ControllerRunner, *instances: Instance) -> dict:

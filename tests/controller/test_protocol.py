@@ -67,48 +67,96 @@ async def rig(nats_url: str) -> AsyncIterator[Rig]:
         yield r
 
 
-async def _resync_requests(worker: SyntheticWorker, count: int = 1) -> list[CommandRequest]:
+@pytest.fixture
+async def gap_rig(nats_url: str) -> AsyncIterator[Rig]:
+    """A rig whose synthetic workers stay registered without heartbeats, with a short grace."""
+    async for r in _rig(nats_url, controller_heartbeat_timeout=60.0, controller_gap_grace=0.2):
+        yield r
+
+
+async def _requests(worker: SyntheticWorker, op: str, count: int = 1) -> list[CommandRequest]:
     with anyio.fail_after(10):
-        while len([c for c in worker.commands if c.command.op == "resync"]) < count:
+        while len([c for c in worker.commands if c.command.op == op]) < count:
             await anyio.sleep(0.01)
-    return [c for c in worker.commands if c.command.op == "resync"]
+    return [c for c in worker.commands if c.command.op == op]
 
 
-async def test_a_sequence_gap_triggers_a_resync_and_the_reset_batch_restores_the_truth(rig: Rig) -> None:
-    worker = await rig.worker()
-    await worker.serve_commands()
-    await worker.publish(worker.batch(CPU, HASHES[:2], reset=True))  # seq 1
-    await rig.wait_lookup({"syn": [CPU, 512]})
-    await worker.publish(worker.batch(CPU, HASHES[2:3], seq=3))  # seq 2 never arrives
-    requests = await _resync_requests(worker)
-    assert requests[0].command.locations == [CPU]
-    assert rig.handle.controller.metrics.seq_gaps._value.get() == 1
-    # what the worker holds now, sent as the resync's reset batch
-    await worker.publish(worker.batch(CPU, HASHES, reset=True))
-    await rig.wait_lookup({"syn": [CPU, 1024]})
+def _count(rig: Rig, metric: str) -> float:
+    return getattr(rig.handle.controller.metrics, metric)._value.get()
 
 
-async def test_a_resync_the_worker_answered_is_reported_finished(rig: Rig) -> None:
+def _replay_policy(worker: SyntheticWorker, retained: bool):
+    """Answer replays as a worker that still retains the range (or no longer does)."""
+
+    def answer(request: CommandRequest):
+        if request.command.op != "replay":
+            return worker.reply(num_tokens=0)
+        if retained:
+            return worker.reply(last_seq={CPU: request.command.last_seq})
+        return worker.reply(ok=False, error_kind="not_retained", error="gone")
+
+    return answer
+
+
+async def test_batches_arriving_out_of_order_are_applied_in_order_without_any_command(gap_rig: Rig) -> None:
+    rig = gap_rig
     worker = await rig.worker()
     await worker.serve_commands()
     await worker.publish(worker.batch(CPU, HASHES[:1], reset=True))  # seq 1
-    await rig.wait_lookup({"syn": [CPU, 256]})
-    await worker.publish(worker.batch(CPU, HASHES[1:2], seq=3))  # seq 2 never arrives
-    event_id = (await _resync_requests(worker))[0].event_id
-    with anyio.fail_after(10):
-        while (record := rig.handle.controller.check_finish(event_id)).status == "running":
-            await anyio.sleep(0.01)  # poll interval of a deadline-bounded poll
-    assert record.status == "finished" and record.kind == "resync"
+    second, third = worker.batch(CPU, HASHES[1:2]), worker.batch(CPU, HASHES[2:3], kind=EventKind.ADMIT)
+    await worker.publish(third)  # seq 3 overtakes seq 2: held
+    await worker.heartbeat()  # announcing seq 3: still only a gap within its grace period
+    await worker.publish(second)
+    await rig.wait_lookup({"syn": [CPU, 768]})
+    assert _count(rig, "late_batches_applied") == 1
+    assert worker.commands == []  # neither a replay nor a resync
 
 
-async def test_a_heartbeat_announcing_batches_that_never_arrive_triggers_a_resync(rig: Rig) -> None:
+async def test_a_gap_that_outlives_its_grace_is_replayed_and_the_held_batches_follow(gap_rig: Rig) -> None:
+    rig = gap_rig
     worker = await rig.worker()
-    await worker.serve_commands()
+    await worker.serve_commands(_replay_policy(worker, retained=True))
+    await worker.publish(worker.batch(CPU, HASHES[:2], reset=True))  # seq 1
+    await rig.wait_lookup({"syn": [CPU, 512]})
+    lost = worker.batch(CPU, HASHES[2:3])  # seq 2 is lost on the way
+    await worker.publish(worker.batch(CPU, HASHES[3:4]))  # seq 3: held
+    request = (await _requests(worker, "replay"))[0]
+    assert (request.command.location, request.command.first_seq, request.command.last_seq) == (CPU, 2, 3)
+    assert request.deadline is not None and request.deadline > time.time() - 60
+    await worker.publish(lost)  # what the worker's replay publishes again
+    await worker.publish(worker.batch(CPU, HASHES[3:4], seq=3))  # a duplicate: ignored
+    await rig.wait_lookup({"syn": [CPU, 1024]})
+    assert _count(rig, "replays") == 1 and _count(rig, "resyncs") == 0
+
+
+async def test_a_heartbeat_announcing_batches_that_never_arrive_asks_for_their_replay(gap_rig: Rig) -> None:
+    rig = gap_rig
+    worker = await rig.worker()
+    await worker.serve_commands(_replay_policy(worker, retained=True))
     await worker.publish(worker.batch(CPU, HASHES[:1], reset=True))
     await rig.wait_lookup({"syn": [CPU, 256]})
     await worker.heartbeat({CPU: 5})  # batches 2..5 were lost
-    await worker.heartbeat({CPU: 5})  # one interval later they still have not arrived
-    await _resync_requests(worker)
+    request = (await _requests(worker, "replay"))[0]
+    assert (request.command.first_seq, request.command.last_seq) == (2, 5)
+
+
+async def test_a_range_no_longer_retained_falls_back_to_a_resync_of_that_location(gap_rig: Rig) -> None:
+    rig = gap_rig
+    worker = await rig.worker()
+    await worker.serve_commands(_replay_policy(worker, retained=False))
+    await worker.publish(worker.batch(CPU, HASHES[:2], reset=True))  # seq 1
+    await rig.wait_lookup({"syn": [CPU, 512]})
+    await worker.publish(worker.batch(CPU, HASHES[2:3], seq=3))  # seq 2 never arrives
+    requests = await _requests(worker, "resync")
+    assert requests[0].command.locations == [CPU]
+    assert _count(rig, "replays") == 1 and _count(rig, "resyncs") == 1
+    # what the worker holds now, sent as the resync's reset batch
+    await worker.publish(worker.batch(CPU, HASHES, reset=True))
+    await rig.wait_lookup({"syn": [CPU, 1024]})
+    with anyio.fail_after(10):
+        while (record := rig.handle.controller.check_finish(requests[0].event_id)).status == "running":
+            await anyio.sleep(0.01)  # poll interval of a deadline-bounded poll
+    assert record.status == "finished" and record.kind == "resync"
 
 
 async def test_batches_older_than_a_clear_are_ignored_and_the_clear_batch_applies(rig: Rig) -> None:

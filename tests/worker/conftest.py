@@ -109,8 +109,10 @@ class ControllerPeer:
                     raise AssertionError(f"timed out after {timeout}s waiting for {what or probe}")
                 self._cond.wait(left)
 
-    def command(self, command: Command, instance: str = INSTANCE, worker: int = 0) -> CommandReply:
-        request = CommandRequest(event_id="t", command=command)
+    def command(
+        self, command: Command, instance: str = INSTANCE, worker: int = 0, deadline: float | None = None
+    ) -> CommandReply:
+        request = CommandRequest(event_id="t", command=command, deadline=deadline)
         return CommandReply.decode(self.request(command_topic(instance, worker), request.encode()))
 
     def request(self, topic: str, payload: bytes, timeout: float = WAIT) -> bytes:

@@ -20,6 +20,7 @@ from lmcache_core.wire import (
     LookupCommand,
     PingCommand,
     RegistrationAck,
+    ReplayCommand,
     ResyncCommand,
     WorkerIdentity,
     command_topic,
@@ -182,13 +183,19 @@ def test_lookup_reports_the_prefix_and_the_location_holding_most_of_it(
     assert (miss.ok, miss.num_tokens, miss.location) == (True, 0, None)
 
 
+def _registered_holding_prompt(make_settings, make_instance, **settings):
+    """An instance holding PROMPT whose worker registered: (instance, worker, tokens stored)."""
+    instance = make_instance(make_settings(**settings))
+    worker = instance.start_worker()
+    assert worker.wait_registered(WAIT)
+    stored = instance.engine.store(PROMPT, kv(12))
+    return instance, worker, stored
+
+
 def test_resync_command_resends_the_inventory_with_reset(
     make_settings, make_instance, peer
 ) -> None:
-    instance = make_instance(make_settings())
-    worker = instance.start_worker()
-    assert worker.wait_registered(WAIT)
-    instance.engine.store(PROMPT, kv(12))
+    instance, worker, _ = _registered_holding_prompt(make_settings, make_instance)
     reply = peer.command(ResyncCommand(locations=[CPU]))
     assert reply.ok and set(reply.last_seq) == {CPU}
     seq = reply.last_seq[CPU]
@@ -200,6 +207,44 @@ def test_resync_command_resends_the_inventory_with_reset(
     assert held_by(peer.batches_for(CPU, worker.identity.epoch)) == set(
         TokenHasher(256).hashes(PROMPT)
     )
+
+
+def test_a_replay_publishes_the_retained_batches_of_the_range_again_unchanged(
+    make_settings, make_instance, peer
+) -> None:
+    _, worker, _ = _registered_holding_prompt(make_settings, make_instance)
+    assert worker.sync(WAIT)
+    last = worker.last_seq()[CPU]
+    def received(start: int, count: int) -> list[EventBatch] | None:
+        batches = peer.batches_for(CPU)[start:]
+        return batches if len(batches) >= count else None
+
+    published = peer.wait_until(lambda: received(0, last), what="the batches")
+    reply = peer.command(ReplayCommand(location=CPU, first_seq=1, last_seq=last + 10))
+    assert reply.ok and reply.last_seq == {CPU: last}  # nothing beyond what it published
+    again = peer.wait_until(lambda: received(last, last), what="the replayed batches")
+    assert [b.seq for b in again] == list(range(1, last + 1))
+    assert again == published[:last]  # the same batches, reset flag and all
+
+
+def test_a_replay_of_batches_no_longer_retained_says_so(make_settings, make_instance, peer) -> None:
+    _, worker, _ = _registered_holding_prompt(make_settings, make_instance, worker_replay_batches=1)
+    assert worker.sync(WAIT)
+    reply = peer.command(ReplayCommand(location=CPU, first_seq=1, last_seq=worker.last_seq()[CPU]))
+    assert not reply.ok and reply.error_kind == "not_retained" and "no longer retained" in reply.error
+
+
+def test_a_command_read_after_its_deadline_is_not_carried_out(
+    make_settings, make_instance, peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    instance, _, stored = _registered_holding_prompt(make_settings, make_instance)
+    with caplog.at_level(logging.WARNING, logger="lmcache_core.worker"):
+        late = peer.command(ClearCommand(location=CPU), deadline=time.time() - 1.0)
+    assert not late.ok and late.error_kind == "expired" and "not carried out" in late.error
+    assert "after its deadline" in caplog.text
+    assert instance.engine.lookup(PROMPT) == stored  # still there
+    in_time = peer.command(ClearCommand(location=CPU), deadline=time.time() + WAIT)
+    assert in_time.ok and in_time.num_tokens == stored
 
 
 def test_a_bad_command_gets_an_error_reply_and_the_worker_keeps_serving(

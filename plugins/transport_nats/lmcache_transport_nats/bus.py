@@ -165,6 +165,9 @@ class NatsSubscription(Subscription):
         self.topic = topic
         self._done = False
 
+    def pending(self) -> int:
+        return 0 if self._done else int(self._sub.pending_msgs)
+
     async def unsubscribe(self) -> None:
         if self._done:
             return

@@ -216,3 +216,31 @@ async def test_flush_on_a_closed_bus_raises_transport_error(nats_url, open_bus):
     await bus.aclose()
     with pytest.raises(TransportError, match="closed"):
         await bus.flush()
+
+
+async def test_pending_counts_what_was_received_and_not_yet_handled(nats_url, open_bus):
+    pub = await open_bus(nats_url)
+    sub = await open_bus(nats_url)
+    release, started = anyio.Event(), anyio.Event()
+    handled: list[bytes] = []
+
+    async def slow(message: Message) -> None:
+        started.set()
+        await release.wait()
+        handled.append(message.payload)
+
+    subscription = await sub.subscribe("kv.backlog", slow)
+    for payload in (b"1", b"2", b"3"):
+        await pub.publish("kv.backlog", payload)
+    await pub.flush()
+    with anyio.fail_after(5):
+        await started.wait()
+    await sub.flush()  # everything sent before is now in the subscription's queue
+    assert subscription.pending() == 2  # the first is in the handler
+    release.set()
+    with anyio.fail_after(5):
+        while len(handled) < 3:
+            await anyio.sleep(0.01)  # poll interval of a deadline-bounded poll
+    assert subscription.pending() == 0
+    await subscription.unsubscribe()
+    assert subscription.pending() == 0
