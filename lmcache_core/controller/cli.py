@@ -4,6 +4,7 @@
 
 ``--monitor-port`` starts the transport's own server (a real ``nats-server``) on that port for
 workers to reach (their ``controller_url``); ``--nats-url`` uses an existing server or cluster
+(``nats://a:4222,nats://b:4222``: the bus connects to one and fails over to the others)
 instead. Once serving, one JSON line goes to stdout::
 
     {"ready": true, "http": "http://localhost:9000", "bus": "nats://localhost:9001", "pid": 123}
@@ -56,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="localhost", help="address the HTTP API (and --monitor-port) listen on")
     parser.add_argument("--port", type=_port, default=9000, help="HTTP API port (0: any free port)")
     parser.add_argument("--monitor-port", type=_port, help="start an embedded message server on this port")
-    parser.add_argument("--nats-url", help="use this existing NATS server or cluster instead of --monitor-port")
+    parser.add_argument(
+        "--nats-url",
+        help="use this existing NATS server, or a cluster (URLs separated by commas), instead of --monitor-port",
+    )
     parser.add_argument("--config", help="settings YAML file (default: $LMCACHE_CONFIG_FILE)")
     parser.add_argument("--api-token", help=f"require this bearer token on every endpoint (default: ${API_TOKEN_ENV})")
     parser.add_argument(

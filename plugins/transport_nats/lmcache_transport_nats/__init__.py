@@ -2,6 +2,7 @@
 
 from lmcache_transport_nats.bus import NatsBus, NatsMessage, NatsSubscription, connect
 from lmcache_transport_nats.server import (
+    NatsCluster,
     NatsServerProcess,
     embedded_server,
     find_nats_server_binary,
@@ -11,6 +12,7 @@ from lmcache_transport_nats.settings import NatsSettings, nats_settings_from
 
 __all__ = [
     "NatsBus",
+    "NatsCluster",
     "NatsMessage",
     "NatsServerProcess",
     "NatsSettings",

@@ -25,7 +25,7 @@ from nats.aio.subscription import Subscription as NatsPySubscription
 from lmcache_core.errors import NoResponders, RequestTimeout, TransportError
 from lmcache_core.transport import Handler, Message, MessageBus, Subscription
 from lmcache_transport_nats.auth import inbox_prefix, prefixed
-from lmcache_transport_nats.settings import NatsSettings, nats_settings_from
+from lmcache_transport_nats.settings import NatsSettings, nats_settings_from, split_server_urls
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,14 @@ def normalize_url(url: str) -> str:
 
 
 def server_urls(settings: NatsSettings, url: str | None, fallback: str | None = None) -> list[str]:
-    """The URLs to dial: ``nats_servers`` when set, else ``url``, else ``fallback``."""
+    """The URLs to dial: ``nats_servers`` when set, else ``url``, else ``fallback``; ``url`` and
+    ``fallback`` may name several servers, separated by commas (``--nats-url a:4222,b:4222``)."""
     if settings.nats_servers:
         chosen: Sequence[str] = settings.nats_servers
     elif url:
-        chosen = [url]
+        chosen = split_server_urls(url)
     elif fallback:
-        chosen = [fallback]
+        chosen = split_server_urls(fallback)
     else:
         raise TransportError(
             "no NATS server to connect to: set controller_url (host:port of the controller's "
@@ -207,6 +208,7 @@ class NatsBus(MessageBus):
         auth = _auth_options(settings)
         options: dict[str, Any] = {
             "servers": self.servers,
+            "dont_randomize": not settings.nats_randomize_servers,
             "connect_timeout": settings.nats_connect_timeout,
             "reconnect_time_wait": settings.nats_reconnect_wait,
             "max_reconnect_attempts": settings.nats_max_reconnect_attempts,

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -230,17 +231,22 @@ class NatsServerProcess:
         """Start the server and block until it accepts connections."""
         self.launch()
         try:
-            deadline = time.monotonic() + self.startup_timeout
-            delay = 0.005
-            while not self.ready_now():
-                if time.monotonic() > deadline:
-                    raise self._timed_out()
-                time.sleep(delay)  # polling a port with a deadline; nothing to wait on instead
-                delay = min(delay * 2, 0.1)
+            self.wait_ready()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def wait_ready(self) -> None:
+        """Block until a launched server accepts connections (``TransportError`` after
+        ``startup_timeout`` seconds, or when it exits)."""
+        deadline = time.monotonic() + self.startup_timeout
+        delay = 0.005
+        while not self.ready_now():
+            if time.monotonic() > deadline:
+                raise self._timed_out()
+            time.sleep(delay)  # polling a port with a deadline; nothing to wait on instead
+            delay = min(delay * 2, 0.1)
 
     async def astart(self) -> "NatsServerProcess":
         """``start()`` for async code: the process starts on this thread, probing yields to the loop."""
@@ -269,6 +275,15 @@ class NatsServerProcess:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        self._cleanup_files()
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash or a lost machine would; idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
         self._cleanup_files()
 
     async def astop(self) -> None:
@@ -318,3 +333,107 @@ async def embedded_server(settings: Any, host: str, port: int) -> AsyncIterator[
         yield server.url
     finally:
         await server.astop()
+
+
+class NatsCluster:
+    """``size`` ``nats-server`` processes on ``host``, joined into one cluster by routes.
+
+    Each node listens for clients on its own port (``urls``), for the other nodes on a cluster
+    port, and serves its monitoring endpoint (``/routez``) on a third; every node is given every
+    node's route URL (nats-server ignores the route to itself). Nodes stop and start again on
+    the same ports (``stop_node``/``start_node``), so clients fail over and come back. For tests
+    and for trying a fleet on one machine; docs/controller.md shows the configuration of a real
+    three-machine cluster.
+    """
+
+    def __init__(
+        self,
+        size: int = 3,
+        host: str = "127.0.0.1",
+        *,
+        name: str = "lmcache",
+        authorization: Mapping[str, Any] | None = None,
+        startup_timeout: float = 10.0,
+    ) -> None:
+        probe = _probe_host(host)
+        self.host = host
+        self.cluster_ports = [_free_port(probe) for _ in range(size)]
+        self.monitor_ports = [_free_port(probe) for _ in range(size)]
+        routes = ",".join(_format_url(probe, port) for port in self.cluster_ports)
+        self.nodes = [
+            NatsServerProcess(
+                host,
+                authorization=authorization,
+                startup_timeout=startup_timeout,
+                args=[
+                    "--cluster_name", name,
+                    "--cluster", _format_url(host, cluster_port),
+                    "--routes", routes,
+                    "--http_port", str(monitor_port),
+                ],
+            )  # fmt: skip
+            for cluster_port, monitor_port in zip(self.cluster_ports, self.monitor_ports)
+        ]
+        self.startup_timeout = startup_timeout
+
+    @property
+    def urls(self) -> list[str]:
+        """The client URL of each node."""
+        return [node.url for node in self.nodes]
+
+    def peers(self, index: int) -> set[str]:
+        """Server ids of the nodes that node ``index`` has a route to (empty while it is down)."""
+        url = f"http://{_probe_host(self.host)}:{self.monitor_ports[index]}/routez"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                routez = json.load(response)
+        except (OSError, ValueError):
+            return set()
+        return {route["remote_id"] for route in routez.get("routes") or [] if route.get("remote_id")}
+
+    def wait_routed(self) -> None:
+        """Block until every running node has a route to every other running node."""
+        running = [i for i, node in enumerate(self.nodes) if node.is_running]
+        deadline = time.monotonic() + self.startup_timeout
+        while any(len(self.peers(i)) < len(running) - 1 for i in running):
+            if time.monotonic() > deadline:
+                found = {self.urls[i]: len(self.peers(i)) for i in running}
+                raise TransportError(f"the NATS cluster did not form within {self.startup_timeout:g}s: routes {found}")
+            time.sleep(0.05)  # polling the monitoring endpoint with a deadline
+
+    def start_node(self, index: int) -> None:
+        """Start node ``index`` (again) and wait until it is routed to the others."""
+        self.nodes[index].start()
+        self.wait_routed()
+
+    def stop_node(self, index: int, *, kill: bool = False) -> None:
+        """Stop node ``index`` (``kill``: with SIGKILL, as a crash); its clients fail over to
+        the other nodes."""
+        if kill:
+            self.nodes[index].kill()
+        else:
+            self.nodes[index].stop()
+
+    def start(self) -> "NatsCluster":
+        """Start every node and wait until the cluster has formed."""
+        try:
+            for node in self.nodes:
+                node.launch()
+            for node in self.nodes:  # launched together: each routes to the others as they come
+                node.wait_ready()
+            self.wait_routed()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every node; idempotent."""
+        for node in reversed(self.nodes):
+            node.stop()
+
+    def __enter__(self) -> "NatsCluster":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, SecretStr, ValidationError
+
+from pydantic_settings import NoDecode
 
 from lmcache_core.errors import ConfigError
 from lmcache_core.wire import InstanceId
@@ -29,6 +32,21 @@ def _check_subject_prefix(value: str) -> str:
     )
 
 
+def split_server_urls(value: str) -> list[str]:
+    """``"a:4222, b:4222"`` -> ``["a:4222", "b:4222"]``: one text naming several servers."""
+    return [part.strip() for part in value.split(",")]
+
+
+def _servers_from_text(value: Any) -> Any:
+    # env values and --nats-url are text: a JSON list, or URLs separated by commas
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return split_server_urls(text) if text else []
+    return value
+
+
 def _check_servers(value: list[str]) -> list[str]:
     for url in value:
         if not url.strip():
@@ -45,7 +63,9 @@ def _check_user_nkey(value: str) -> str:
 _USER_NKEY_RE = re.compile(r"U[A-Z2-7]{55}")
 SubjectPrefix = Annotated[str, AfterValidator(_check_subject_prefix)]
 UserNkey = Annotated[str, AfterValidator(_check_user_nkey)]
-ServerList = Annotated[list[str], AfterValidator(_check_servers)]
+ServerList = Annotated[
+    list[str], NoDecode, BeforeValidator(_servers_from_text), AfterValidator(_check_servers)
+]
 
 
 class NatsSettings(BaseModel):
@@ -54,8 +74,17 @@ class NatsSettings(BaseModel):
     nats_servers: ServerList = Field(
         default_factory=list,
         description=(
-            "NATS server URLs of a cluster (host:port, nats://host:port or tls://host:port); "
-            "empty: the URL the caller passes (controller_url for workers)."
+            "NATS server URLs of a cluster (host:port, nats://host:port or tls://host:port): a "
+            "YAML list, or in the environment URLs separated by commas (or a JSON list); the "
+            "client connects to one and fails over to the others. Empty: the URL the caller "
+            "passes (controller_url for workers), which may itself list several, comma-separated."
+        ),
+    )
+    nats_randomize_servers: bool = Field(
+        True,
+        description=(
+            "Try the servers in a random order (spreads a fleet over the cluster); false: in "
+            "the order given, so each client can prefer its nearest node."
         ),
     )
     nats_subject_prefix: SubjectPrefix = Field(
