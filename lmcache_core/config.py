@@ -147,7 +147,11 @@ class LMCacheSettings(BaseSettings):
         "lmcache_default_instance", min_length=1, description="This instance's id at the controller."
     )
     controller_url: str | None = Field(
-        None, description="host:port of the controller's message bus (its --monitor-port)."
+        None,
+        description=(
+            "host:port of the controller's message bus (its --monitor-port), or the URLs of a "
+            "NATS cluster separated by commas (the worker connects to one and fails over)."
+        ),
     )
     controller_pull_url: str | None = Field(
         None, description="Same as controller_url (LMCache's name in its pull mode)."

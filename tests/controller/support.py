@@ -303,3 +303,51 @@ def read_json_line(proc: subprocess.Popen, key: str, what: str, timeout: float =
         return read_ready_line(proc, what, timeout)
     except LMCacheError as exc:
         raise AssertionError(str(exc)) from None
+
+
+def indexed_chunks(client: httpx.Client) -> dict[tuple[str, int, str], int]:
+    """Chunks a controller credits per (instance, rank, location), read from its ``/instances``."""
+    response = client.get("/instances")
+    assert response.status_code == 200, response.text
+    return {
+        (worker["instance_id"], worker["worker_id"], name): location["chunks"]
+        for instance in response.json()["instances"]
+        for worker in instance["workers"]
+        for name, location in worker["locations"].items()
+    }
+
+
+class ControllerProcess:
+    """``lmcache_controller --nats-url URLS`` as a real process (HTTP on a free loopback port);
+    ``kill()`` ends it like a crash. ``env`` adds ``LMCACHE_*`` settings to the test ones."""
+
+    def __init__(self, nats_url: str, env: dict[str, str] | None = None) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+        full_env.update({f"LMCACHE_{k.upper()}": str(v) for k, v in FAST.items()})
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lmcache_core.controller.cli", "--host", "127.0.0.1", "--port", "0",
+             "--nats-url", nats_url, "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+        )
+        self.ready = read_json_line(self.proc, "ready", "lmcache_controller")
+        self.client = httpx.Client(base_url=self.ready["http"], timeout=30.0)
+
+    def lookup(self, tokens: list[int]) -> dict[str, list[Any]]:
+        response = self.client.post("/lookup", json={"tokens": tokens})
+        assert response.status_code == 200, response.text
+        return response.json()["layout_info"]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        self.client.close()
+        stop_process(self.proc)
+
+    def __enter__(self) -> "ControllerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
