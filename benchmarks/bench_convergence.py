@@ -254,11 +254,16 @@ class FleetProcess:
         return json.loads(head)
 
 
-def bus_messages(monitor: int) -> int:
-    """Messages the server received plus delivered, so far (``/varz``)."""
+def varz(monitor: int) -> dict:
+    """The server's counters (``/varz``)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/varz", timeout=5) as resp:
-        varz = json.load(resp)
-    return int(varz["in_msgs"]) + int(varz["out_msgs"])
+        return json.load(resp)
+
+
+def bus_messages(monitor: int) -> int:
+    """Messages the server received plus delivered, so far."""
+    counters = varz(monitor)
+    return int(counters["in_msgs"]) + int(counters["out_msgs"])
 
 
 async def messages_now(monitor: int) -> int:
@@ -277,11 +282,25 @@ def converged(controller: Any, expected: list[int]) -> bool:
 
 
 async def wait_converged(controller: Any, expected: list[int], timeout: float) -> float:
+    """Seconds until the index equals the fleet; ``inf`` when it did not within ``timeout``."""
     started = time.perf_counter()
-    with anyio.fail_after(timeout):
+    with anyio.move_on_after(timeout):
         while not converged(controller, expected):
             await anyio.sleep(0.01)  # poll interval of a bounded wait
-    return time.perf_counter() - started
+        return time.perf_counter() - started
+    return float("inf")
+
+
+def not_converged(name: str, controller: Any, expected: list[int], monitor: int, timeout: float) -> None:
+    """Say what the index held when it did not converge, and how the server coped."""
+    counters = varz(monitor)
+    print_table(f"Convergence: {len(expected):,} synthetic workers x {expected[0]:,} chunks over a real nats-server", [
+        (f"{name}: index equals the fleet", "no", f"{verdict(False)}: not within {timeout:g} s"),
+        ("    entries indexed / held by the fleet", f"{controller.index.num_entries():,} / {sum(expected):,}", ""),
+        ("    workers registered", f"{len(controller.workers):,} / {len(expected):,}", ""),
+        ("    nats-server slow consumers (clients cut off)", f"{counters.get('slow_consumers', 0)}",
+         "the server's max_pending for one client is 64 MiB by default"),
+    ])
 
 
 def resyncs(controller: Any) -> int:
@@ -334,12 +353,20 @@ async def run(args: argparse.Namespace) -> None:
             async with running_controller(settings, nats_url=server.url, pm=pm) as handle:
                 first = await wait_converged(handle.controller, expected, args.timeout)
                 memory = handle.controller.index.memory_bytes()
+                if first == float("inf"):
+                    not_converged("first start", handle.controller, expected, monitor, args.timeout)
+                    await proc.stdin.send(b"quit\n")
+                    return
             # (a) a restart: the new controller says hello and the fleet sends everything again
             counts_before, msgs_before = await fleet.ask("counts"), await messages_now(monitor)
             started = time.perf_counter()
             async with running_controller(settings, nats_url=server.url, pm=pm) as handle:
                 restart = await wait_converged(handle.controller, expected, args.timeout)
                 recovery_rate = (await messages_now(monitor) - msgs_before) / (time.perf_counter() - started)
+                if restart == float("inf"):
+                    not_converged("(a) restart", handle.controller, expected, monitor, args.timeout)
+                    await proc.stdin.send(b"quit\n")
+                    return
                 counts = await fleet.ask("counts")
                 # (c) steady state: heartbeats only
                 msgs_before, t0 = await messages_now(monitor), time.perf_counter()
@@ -363,6 +390,7 @@ async def run(args: argparse.Namespace) -> None:
                 ]
                 expected = cases[-1]["expected"]
                 cases.append(await stale_case("the controller dropped a worker (unknown run)", fleet, handle, monitor, drop, dropped, expected))
+                slow_consumers = varz(monitor).get("slow_consumers", 0)
             await proc.stdin.send(b"quit\n")
             await proc.wait()
         batch_bytes = len(EventBatch.build(
@@ -388,6 +416,7 @@ async def run(args: argparse.Namespace) -> None:
          f"{batches:,} x {batch_bytes:,} B at {base_batch.messages_per_s:,.0f} msgs/s (delivery only, floor)"),
         ("    hellos to the whole fleet / to one worker", f"{fleet_hellos} / {targeted}", "1 fleet-wide expected: the new controller's"),
         ("    registrations / inventories sent", f"{registered:,} / {resent:,}", f"{args.workers:,} workers: 1 each at best"),
+        ("    nats-server slow consumers (clients cut off)", f"{slow_consumers}", f"target 0: {verdict(slow_consumers == 0)}"),
     ]
     for case in cases:
         rows += [
@@ -417,7 +446,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=10_000, help="chunks each worker holds")
     parser.add_argument("--batch-size", type=int, default=4096, help="events per inventory batch (the worker's default)")
     parser.add_argument("--steady", type=float, default=3.0, help="seconds of steady state measured")
-    parser.add_argument("--timeout", type=float, default=120.0, help="longest wait for convergence (s)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="longest wait for convergence (s)")
     parser.add_argument("--fleet", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fleet:
