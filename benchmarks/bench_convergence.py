@@ -393,10 +393,11 @@ async def run(args: argparse.Namespace) -> None:
                 slow_consumers = varz(monitor).get("slow_consumers", 0)
             await proc.stdin.send(b"quit\n")
             await proc.wait()
+        per_batch = min(args.batch_size, args.chunks)
         batch_bytes = len(EventBatch.build(
             WorkerIdentity(instance_id="w00000", worker_id=0, epoch=uuid.uuid4().hex), LOCATION, 1,
-            np.ones(args.batch_size, np.uint8), np.arange(args.batch_size, dtype=np.uint64),
-            np.full(args.batch_size, 256, np.uint32), reset=True).encode())
+            np.ones(per_batch, np.uint8), np.arange(per_batch, dtype=np.uint64),
+            np.full(per_batch, 256, np.uint32), reset=True).encode())
         beat_bytes = len(Heartbeat(instance_id="w00000", worker_id=0, epoch=uuid.uuid4().hex,
                                    last_seq={LOCATION: 3}, chunks={LOCATION: args.chunks}).encode())
         base_batch = await measure_pubsub_rate_async(server.url, messages=5_000, payload_size=batch_bytes)
