@@ -454,11 +454,17 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         if server is not None:
             server.close()
         storer, self._storer = self._storer, None
+        holds, self._holds = self._holds, None
         if storer is not None:
             storer.close()
-        holds, self._holds = self._holds, None
         if holds is not None:
             holds.close()
+        if storer is not None and holds is not None:
+            log.info(
+                "lmcache connector: stored %d tokens; %d saves dropped (queue full), %d failed; "
+                "%d holds expired before their load",
+                storer.stored_tokens, storer.dropped_jobs, storer.failed_jobs, holds.expired,
+            )
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.close()

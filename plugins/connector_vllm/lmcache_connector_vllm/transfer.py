@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,10 +32,6 @@ class SaveJob:
     req_id: str
     chunks: list[tuple[ChunkSpan, torch.Tensor]]
     ready: Any = None
-    num_tokens: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.num_tokens = sum(span.num_tokens for span, _ in self.chunks)
 
 
 class DeviceStager:
