@@ -80,9 +80,6 @@ class ChunkFormat:
     def shape(self, num_tokens: int) -> tuple[int, int, int]:
         return (self.num_layers, num_tokens, self.token_elements)
 
-    def nbytes(self, num_tokens: int) -> int:
-        return math.prod(self.shape(num_tokens)) * self.dtype.itemsize
-
 
 @dataclass
 class _Run:
