@@ -10,7 +10,7 @@ how the controller worker keeps the controller's index current.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -224,19 +224,29 @@ class CacheEngine:
         call. A hit in a slower tier is promoted into the fastest synchronous tier.
         """
         delivered = 0
-        for span in self.hasher.spans(tokens):
-            key = self.keys.key(span.chunk_hash)
-            view, tier = self._find(key)
-            if view is None:
-                break
+        for span, view, _ in self._stored_prefix(tokens):
             try:
-                if tier > 0:
-                    self._promote(key, view, tier)
                 sink(span, view.tensor)
             finally:
                 view.release()
             delivered = span.end
         return delivered
+
+    def _stored_prefix(self, tokens: TokenSequence) -> Iterator[tuple[ChunkSpan, ChunkView, int]]:
+        """Views of the longest stored prefix, chunk by chunk, with the tier each was found in;
+        a hit in a slower tier is promoted first. The caller releases every view it gets."""
+        for span in self.hasher.spans(tokens):
+            key = self.keys.key(span.chunk_hash)
+            view, tier = self._find(key)
+            if view is None:
+                return
+            if tier > 0:
+                try:
+                    self._promote(key, view, tier)
+                except BaseException:
+                    view.release()
+                    raise
+            yield span, view, tier
 
     def _find(self, key: ChunkKey) -> tuple[ChunkView | None, int]:
         for tier, backend in enumerate(self._tiers):
@@ -268,15 +278,9 @@ class CacheEngine:
         held: list[tuple[ChunkSpan, ChunkView]] = []
         locations: list[str] = []
         try:
-            for span in self.hasher.spans(tokens):
-                key = self.keys.key(span.chunk_hash)
-                view, tier = self._find(key)
-                if view is None:
-                    break
+            for span, view, tier in self._stored_prefix(tokens):
                 held.append((span, view))
                 locations.append(self._tiers[tier].location)
-                if tier > 0:
-                    self._promote(key, view, tier)
         except BaseException:
             for _, view in held:
                 view.release()
