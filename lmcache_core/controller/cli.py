@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="settings YAML file (default: $LMCACHE_CONFIG_FILE)")
     parser.add_argument("--api-token", help=f"require this bearer token on every endpoint (default: ${API_TOKEN_ENV})")
+    parser.add_argument("--ssl-certfile", help="serve the HTTP API over HTTPS with this PEM certificate (chain)")
+    parser.add_argument("--ssl-keyfile", help="the PEM private key of --ssl-certfile")
     parser.add_argument(
         "--log-level", default="INFO", type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="log level on stderr",
@@ -92,6 +94,8 @@ async def _serve(args: argparse.Namespace) -> int:
             monitor_port=args.monitor_port,
             pm=pm,
             startup_timeout=args.startup_timeout,
+            ssl_certfile=args.ssl_certfile,
+            ssl_keyfile=args.ssl_keyfile,
         ) as handle:
             print(
                 json.dumps({"ready": True, "http": handle.url, "bus": handle.bus_url, "pid": os.getpid()}),

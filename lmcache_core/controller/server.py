@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from lmcache_core.config import LMCacheSettings
 from lmcache_core.controller.app import create_app
 from lmcache_core.controller.state import Controller
 from lmcache_core.errors import ConfigError, LMCacheError
+from lmcache_core.netaddr import is_loopback
 from lmcache_core.plugins import get_plugin_manager, resolve_transport
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,48 @@ class ControllerHandle:
     #: set when the HTTP server has exited (asked to, or on its own)
     served: anyio.Event
 
+    #: True when the HTTP API speaks TLS (``ssl_certfile`` given)
+    tls: bool = False
+
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+
+def check_http_exposure(settings: LMCacheSettings, host: str) -> None:
+    """``ConfigError`` when the HTTP API would listen beyond loopback without an API token:
+    anyone reaching it could clear every instance."""
+    if settings.controller_api_token is None and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to serve the HTTP API on {host!r} (not loopback) without an API token: "
+            "give --api-token or set LMCACHE_CONTROLLER_API_TOKEN (controller_api_token), "
+            "or listen on localhost"
+        )
+
+
+def tls_options(certfile: str | None, keyfile: str | None) -> dict[str, str]:
+    """uvicorn's TLS options for the HTTP API, after checking both files can be read;
+    ``ConfigError`` naming the option otherwise."""
+    if certfile is None and keyfile is None:
+        return {}
+    if certfile is None or keyfile is None:
+        missing = "--ssl-certfile" if certfile is None else "--ssl-keyfile"
+        raise ConfigError(f"TLS for the HTTP API needs both --ssl-certfile and --ssl-keyfile; {missing} is missing")
+    import ssl
+
+    for option, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{option} {path!r}: no such file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"--ssl-certfile {certfile!r} and --ssl-keyfile {keyfile!r} are not a PEM certificate "
+            f"and its private key: {exc}"
+        ) from None
+    return {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -157,13 +197,19 @@ async def running_controller(
     pm: pluggy.PluginManager | None = None,
     controller_factory: type[Controller] = Controller,
     startup_timeout: float = 30.0,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
 ) -> AsyncIterator[ControllerHandle]:
     """Run a controller for the duration of the block.
 
     Give ``monitor_port`` to start the transport's embedded server on ``host:monitor_port``, or
     ``nats_url`` to use an existing server (neither: the settings' ``controller_address``).
-    ``port=0`` picks a free HTTP port (see ``handle.port``).
+    ``port=0`` picks a free HTTP port (see ``handle.port``). ``ssl_certfile`` and
+    ``ssl_keyfile`` (PEM) serve the API over HTTPS. A non-loopback ``host`` needs the settings'
+    ``controller_api_token``.
     """
+    check_http_exposure(settings, host)
+    tls = tls_options(ssl_certfile, ssl_keyfile)
     pm = pm if pm is not None else get_plugin_manager()
     spec = resolve_transport(pm, settings.transport)
     if monitor_port is not None and spec.embedded_server is None:
@@ -196,6 +242,7 @@ async def running_controller(
                 # clients (routers, load balancers) keep connections open between lookups; a
                 # short idle timeout races their next request and surfaces as a read error
                 timeout_keep_alive=75,
+                **tls,
             )
             server = _EmbeddedUvicorn(config)
             served = anyio.Event()
@@ -216,7 +263,7 @@ async def running_controller(
                     tg.cancel_scope.cancel()
                     raise LMCacheError(f"the controller's HTTP server did not start within {startup_timeout:g} s")
                 bound = sock.getsockname()
-                handle = ControllerHandle(controller, host, int(bound[1]), url, server, served)
+                handle = ControllerHandle(controller, host, int(bound[1]), url, server, served, tls=bool(tls))
                 try:
                     yield handle
                 finally:

@@ -103,7 +103,7 @@ def test_a_forged_identity_inside_an_authorised_message_is_refused_and_logged(
             a.close()
 
 
-def test_controller_on_a_public_host_without_bus_credentials_exits_2_naming_the_setting() -> None:
+def test_controller_on_a_public_host_without_an_api_token_exits_2_naming_the_setting() -> None:
     done = subprocess.run(
         [*CLI, "--host", "0.0.0.0", "--port", "0", "--monitor-port", str(free_port())],
         capture_output=True, text=True, timeout=60,
@@ -111,8 +111,43 @@ def test_controller_on_a_public_host_without_bus_credentials_exits_2_naming_the_
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
+    assert "--api-token" in lines[0] and "LMCACHE_CONTROLLER_API_TOKEN" in lines[0] and "0.0.0.0" in lines[0]
+    assert lines[0].startswith("lmcache_controller: error:")
+
+
+def test_controller_on_a_public_host_without_bus_credentials_exits_2_naming_the_setting() -> None:
+    done = subprocess.run(
+        [*CLI, "--host", "0.0.0.0", "--port", "0", "--monitor-port", str(free_port()), "--api-token", "t0ken"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
     assert "nats_user" in lines[0] and "nats_token" in lines[0] and "0.0.0.0" in lines[0]
     assert lines[0].startswith("lmcache_controller: error:")
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made by the openssl command."""
+    cert, key = folder / "api.crt", folder / "api.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+def test_controller_tls_options_need_both_files_and_name_a_bad_one(tmp_path: Path) -> None:
+    cert, _ = _self_signed_certificate(tmp_path)
+    base = [*CLI, "--port", "0", "--monitor-port", str(free_port())]
+    only_cert = subprocess.run([*base, "--ssl-certfile", str(cert)], capture_output=True, text=True, timeout=60)
+    assert only_cert.returncode == 2 and "--ssl-keyfile is missing" in only_cert.stderr, only_cert.stderr
+    missing = tmp_path / "nope.key"
+    no_key = subprocess.run(
+        [*base, "--ssl-certfile", str(cert), "--ssl-keyfile", str(missing)], capture_output=True, text=True, timeout=60
+    )
+    assert no_key.returncode == 2 and str(missing) in no_key.stderr and "Traceback" not in no_key.stderr
 
 
 @pytest.mark.parametrize("credential", ["password", "nkey"])
@@ -142,20 +177,29 @@ def test_secured_multi_machine_setup_of_the_readme_serves_lookups(tmp_path: Path
         with instance_yaml.open("a") as out:
             out.write(f"nats_nkey_seed_file: {instance_seed}\n")
     port, monitor = free_port(), free_port()
+    cert, key = _self_signed_certificate(tmp_path)
     controller = subprocess.Popen(
         [*CLI, "--host", "0.0.0.0", "--port", str(port), "--monitor-port", str(monitor),
-         "--config", str(controller_yaml), "--log-level", "WARNING"],
+         "--config", str(controller_yaml), "--log-level", "WARNING", "--api-token", "api-s3cret",
+         "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     instance = None
     try:
-        read_json_line(controller, "ready", "lmcache_controller")
+        ready = read_json_line(controller, "ready", "lmcache_controller")
+        assert ready["http"].startswith("https://")
         instance = InstanceProcess(f"127.0.0.1:{monitor}", tmp_path, instance_id="inst-a", disk=False, config_file=instance_yaml)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        url = f"https://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=30, verify=str(cert), headers={"Authorization": "Bearer api-s3cret"}) as client:
             answer = wait_for(
                 lambda: client.post("/lookup", json={"tokens": PROMPT}).json()["layout_info"], what="a lookup hit"
             )
             assert answer == {"inst-a": [CPU, 12]}
+        # the same API refuses a client without the token, and plain HTTP gets no answer
+        with httpx.Client(base_url=url, timeout=30, verify=str(cert)) as anonymous_client:
+            assert anonymous_client.post("/lookup", json={"tokens": PROMPT}).status_code == 401
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(f"http://127.0.0.1:{port}/lookup", json={"tokens": PROMPT}, timeout=10)
 
         async def anonymous() -> None:
             await connect(NatsSettings(), f"127.0.0.1:{monitor}")

@@ -23,13 +23,12 @@ not start; ``--new-nkey FILE`` makes an nkey seed.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from lmcache_core.errors import ConfigError
+from lmcache_core.netaddr import is_loopback
 from lmcache_core.wire import topic_token, worker_topics
 from lmcache_transport_nats.settings import NatsSettings, nats_settings_from
 
@@ -169,16 +168,6 @@ def authorization(settings: Any) -> dict[str, Any] | None:
     for instance_id, public in sorted(nkeys_of.items()):
         users.append({"nkey": public, "permissions": instance_permissions(prefix, instance_id, public)})
     return {"users": users}
-
-
-def is_loopback(host: str) -> bool:
-    """True when every address ``host`` names is a loopback address."""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return False
-    addresses = {info[4][0].split("%")[0] for info in infos}
-    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
 def check_exposure(settings: Any, host: str) -> dict[str, Any] | None:

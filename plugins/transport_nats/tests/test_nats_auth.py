@@ -23,7 +23,8 @@ from lmcache_core.wire import (
     register_topic,
 )
 from lmcache_transport_nats import NatsSettings, connect, embedded_server, find_nats_server_binary
-from lmcache_transport_nats.auth import authorization, is_loopback, new_nkey
+from lmcache_core.netaddr import is_loopback
+from lmcache_transport_nats.auth import authorization, new_nkey
 
 pytestmark = pytest.mark.anyio
 
