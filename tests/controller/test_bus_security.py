@@ -72,7 +72,7 @@ async def _forge_as_inst_a(url: str, victim: WorkerIdentity, registration: bytes
 def test_a_forged_identity_inside_an_authorised_message_is_refused_and_logged(
     secured_bus: NatsServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="lmcache_core.controller.state")
+    caplog.set_level(logging.WARNING, logger="lmcache_core.controller")
     with ControllerRunner(secured_bus.url, controller_settings(**FLEET)) as runner:
         a = Instance(secured_bus.url, "inst-a", tmp_path / "a", nats_user="inst-a", nats_password="a-secret")
         b = Instance(secured_bus.url, "inst-b", tmp_path / "b", nats_user="inst-b", nats_password="b-secret")
