@@ -36,7 +36,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -46,6 +46,7 @@ from anyio.abc import TaskGroup
 from pydantic import ValidationError
 
 from lmcache_core.config import LMCacheSettings
+from lmcache_core.controller.chunk_commands import ChunkCommands
 from lmcache_core.controller.errors import (
     BadWorkerReplyError,
     TooManyTokensError,
@@ -112,6 +113,9 @@ _HELLO_MEMORY = 4096
 MAX_HELD_BATCHES = 64
 #: replays answered for one gap that still did not close it before a resync is asked for
 REPLAYS_BEFORE_RESYNC = 2
+
+#: the instance id ``/query_worker_info`` reads as every instance (LMCache's convention)
+ALL_INSTANCES = "all"
 
 HashingKey = tuple[str, int, str]  # scheme, chunk_size, namespace
 _Claim = TypeVar("_Claim", bound=WorkerIdentity)
@@ -225,8 +229,9 @@ class _Group:
     workers: set[tuple[str, int]] = field(default_factory=set)
 
 
-class Controller:
-    """Registry of workers and their KV index, plus the operations the HTTP API exposes."""
+class Controller(ChunkCommands):
+    """Registry of workers and their KV index, plus the operations the HTTP API exposes
+    (``/pin``, ``/unpin`` and ``/move`` come from ``ChunkCommands``)."""
 
     def __init__(
         self,
@@ -765,41 +770,57 @@ class Controller:
                 names.setdefault(name, None)
         return list(names)
 
-    async def clear(self, instance_id: str, location: str) -> ClearResponse:
-        """Empty ``location`` on every rank of an instance; the index forgets it before returning."""
+    @staticmethod
+    def check_locations(available: list[str], names: list[str]) -> None:
+        """``UnknownLocationError`` (listing ``available``) for the first of ``names`` not in it."""
+        for name in names:
+            if name not in available:
+                raise UnknownLocationError(name, available)
+
+    async def command_instance(
+        self, instance_id: str, command: Any, locations: list[str],
+        after: Callable[[dict[int, CommandReply]], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """Send ``command`` to every rank of an instance under a ``/check_finish`` id of its
+        ``op``; ``after(replies)`` runs once every rank answered ok. Returns the answer's fields:
+        ``event_id``, ``num_tokens`` summed over ranks, and ``num_tokens_per_worker`` when the
+        ranks differ. ``locations`` must be the instance's (400 listing them otherwise)."""
         ranks = self._ranks(instance_id)
-        available = self.instance_locations(instance_id)
-        if location not in available:
-            raise UnknownLocationError(location, available)
-        event_id = self.events.start("clear")
+        self.check_locations(self.instance_locations(instance_id), locations)
+        what = f"{command.op} of '{command.location}' on instance '{instance_id}'"
+        event_id = self.events.start(command.op)
         try:
-            replies, errors = await self._fan_out(ranks, ClearCommand(location=location), event_id)
+            replies, errors = await self._fan_out(ranks, command, event_id)
             if errors:
-                raise WorkerUnavailableError(
-                    f"clear of '{location}' on instance '{instance_id}' failed: "
-                    + "; ".join(str(errors[r]) for r in sorted(errors))
-                )
+                raise WorkerUnavailableError(f"{what} failed: " + "; ".join(str(errors[r]) for r in sorted(errors)))
             for rank, reply in sorted(replies.items()):
                 if not reply.ok:
                     if reply.error_kind == "unknown_location":
-                        raise UnknownLocationError(location, reply.available_locations or [])
-                    raise BadWorkerReplyError(
-                        f"worker {instance_id}/{rank} could not clear '{location}': {reply.error}"
-                    )
-            per_rank: dict[int, int] = {}
-            for rank, reply in replies.items():
-                per_rank[rank] = int(reply.num_tokens or 0)
-                self._apply_clear(instance_id, rank, location, reply)
+                        raise UnknownLocationError(command.location, reply.available_locations or [])
+                    raise BadWorkerReplyError(f"worker {instance_id}/{rank} failed the {what}: {reply.error}")
+            if after is not None:
+                await after(replies)
         except LMCacheError as exc:
             self.events.finish(event_id, ok=False, detail=str(exc))
             raise
         self.events.finish(event_id)
+        per_rank = {rank: int(reply.num_tokens or 0) for rank, reply in sorted(replies.items())}
         differ = len(set(per_rank.values())) > 1
-        return ClearResponse(
-            event_id=event_id,
-            num_tokens=sum(per_rank.values()),
-            num_tokens_per_worker=dict(sorted(per_rank.items())) if differ else None,
-        )
+        return {
+            "event_id": event_id,
+            "num_tokens": sum(per_rank.values()),
+            "num_tokens_per_worker": per_rank if differ else None,
+        }
+
+    async def clear(self, instance_id: str, location: str) -> ClearResponse:
+        """Empty ``location`` on every rank of an instance; the index forgets it before returning.
+        Pinned chunks are removed too (a pin protects from eviction, not from a clear)."""
+
+        async def forget(replies: dict[int, CommandReply]) -> None:
+            for rank, reply in replies.items():
+                self._apply_clear(instance_id, rank, location, reply)
+
+        return ClearResponse(**await self.command_instance(instance_id, ClearCommand(location=location), [location], forget))
 
     def _apply_clear(self, instance_id: str, rank: int, location: str, reply: CommandReply) -> None:
         """Forget what a clear removed, unless the batch holding the clear is applied already."""
@@ -911,6 +932,9 @@ class Controller:
             ),
             host=reg.host,
             pid=reg.pid,
+            ip=reg.ip,
+            port=reg.port,
+            peer_init_url=reg.peer_init_url,
             locations=locations,
             registration_time=worker.registered_at,
             last_heartbeat_time=worker.last_heartbeat_time,
@@ -918,13 +942,23 @@ class Controller:
         )
 
     def worker_infos(self, instance_id: str, worker_ids: list[int] | None = None) -> list[WorkerInfo]:
-        """The given ranks of an instance (every rank when None); unknown ones raise ``UnknownWorkerError``."""
+        """The given ranks of an instance (every rank when None or empty); unknown ones raise
+        ``UnknownWorkerError``. ``instance_id`` 'all': those ranks of every instance (LMCache's
+        page asks so), in id order, without an error for an instance lacking one."""
+        if instance_id == ALL_INSTANCES:
+            wanted = set(worker_ids or ())
+            return [
+                self.worker_info(worker)
+                for inst in sorted(self.instances)
+                for worker in self._ranks(inst)
+                if not wanted or worker.worker_id in wanted
+            ]
         ranks = {w.worker_id: w for w in self._ranks(instance_id)}
-        wanted = sorted(ranks) if worker_ids is None else list(dict.fromkeys(worker_ids))
-        missing = [r for r in wanted if r not in ranks]
+        wanted_ranks = sorted(ranks) if not worker_ids else list(dict.fromkeys(worker_ids))
+        missing = [r for r in wanted_ranks if r not in ranks]
         if missing:
             raise UnknownWorkerError(instance_id, missing, ranks)
-        return [self.worker_info(ranks[r]) for r in wanted]
+        return [self.worker_info(ranks[r]) for r in wanted_ranks]
 
     def instance_infos(self) -> list[InstanceInfo]:
         """Every registered instance with its workers and totals, sorted by id."""

@@ -3,6 +3,7 @@ processes, in-process engines with real workers, and polling with a deadline (ne
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -271,9 +272,19 @@ class InstanceProcess:
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "examples" / "instance.py"), *args],
+            stdin=subprocess.PIPE if "--control" in args else None,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=tmp,
         )
         self.ready = read_json_line(self.proc, "ready", "instance.py")
+
+    def control(self, op: str, tokens: list[int] | None = None) -> dict[str, Any]:
+        """Send one ``--control`` request (``examples/instance.py``) and read its answer."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None, "start it with args=['--control']"
+        self.proc.stdin.write(json.dumps({"op": op, "tokens": tokens or []}) + "\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline() or "{}")
+        assert "error" not in answer and answer, f"instance.py answered {answer!r} to {op}"
+        return answer
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         self.proc.send_signal(sig)
@@ -291,7 +302,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-    for stream in (proc.stdout, proc.stderr):
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
 
