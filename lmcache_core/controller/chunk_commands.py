@@ -52,6 +52,7 @@ class ChunkCommands:
         if instance_id != target_instance:
             return await self._move_between_instances(old, new, tokens, should_copy)
         if source == target:
+            self._ranks(instance_id)  # an unknown instance is a 404 first
             raise BadOperationError(
                 f"old_position and new_position are both '{source}' of instance '{instance_id}'; "
                 "name two different locations"

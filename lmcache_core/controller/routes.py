@@ -72,6 +72,9 @@ _NAME_LIMITS = (("model", MAX_NAME_LENGTH), ("instance_id", MAX_INSTANCE_ID_LENG
 #: bodies larger than this are parsed and hashed in a worker thread, so the event loop keeps
 #: serving heartbeats meanwhile (an 8,192-token body is about 50 KB)
 OFF_LOOP_BYTES = 256 * 1024
+#: largest body of the other endpoints that take token ids (/pin, /unpin, /move): about
+#: 40,000 ids, which pydantic validates on the event loop (a few tens of milliseconds at most)
+TOKENS_BODY_BYTES = OFF_LOOP_BYTES
 #: big bodies parsed at once (each may take several times its size in memory while parsed)
 OFF_LOOP_THREADS = 2
 
@@ -201,6 +204,7 @@ _COMMAND_ERRORS: dict[int | str, dict[str, Any]] = {
     **_ERRORS,
     400: {"description": "Unknown location (the detail lists the instance's locations), or an operation "
           "this controller cannot do (the detail says why)."},
+    413: {"description": "A body over 256 KiB (about 40,000 token ids)."},
     502: {"description": "A worker answered with an error or something unreadable."},
     504: {"description": "A worker did not answer within controller_command_timeout."},
 }
@@ -259,6 +263,9 @@ def build_router() -> APIRouter:
         """Move (or copy) chunks between two locations of one instance, on every rank; returns the
         tokens now at the new location. Between two instances: 400 (that needs peer-to-peer)."""
         return await controller.move(body.old_position, body.new_position, body.tokens, bool(body.should_copy))
+
+    for endpoint in (pin, unpin, move):
+        endpoint.lmcache_body_limit = TOKENS_BODY_BYTES  # type: ignore[attr-defined]  # see create_app
 
     @router.post("/query_instance", response_model=QueryInstanceResponse,
                  responses={404: {"description": "No worker registered that ip; the detail lists the known ones."}})

@@ -248,22 +248,29 @@ class Instance:
         self.engine.close()
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a process a test starts: this one's without its ``LMCACHE_*``
+    settings, plus the test settings (``FAST``) and the plugin selection, if any."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+    env.update({f"LMCACHE_{k.upper()}": str(v) for k, v in FAST.items()})
+    for name in ("LMCACHE_PLUGINS", "LMCACHE_DISABLE_PLUGINS"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
 class InstanceProcess:
     """``examples/instance.py`` as a real process; ``ready`` is its JSON ready line."""
 
     def __init__(self, nats_url: str, tmp: Path, *, instance_id: str = INSTANCE, args: list[str] = (), disk: bool = True,
                  config_file: Path | None = None, env: dict[str, str] | None = None) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
-        full_env.update({f"LMCACHE_{k.upper()}": str(v) for k, v in FAST.items()})
+        full_env = child_env()
         full_env.update(
             LMCACHE_ENABLE_CONTROLLER="true",
             LMCACHE_CONTROLLER_URL=nats_url,
             LMCACHE_LMCACHE_INSTANCE_ID=instance_id,
             LMCACHE_MAX_LOCAL_CPU_SIZE="0.05",
         )
-        for name in ("LMCACHE_PLUGINS", "LMCACHE_DISABLE_PLUGINS"):
-            if name in os.environ:
-                full_env[name] = os.environ[name]
         if config_file is not None:
             full_env["LMCACHE_CONFIG_FILE"] = str(config_file)
         if disk:
@@ -333,9 +340,7 @@ class ControllerProcess:
     ``kill()`` ends it like a crash. ``env`` adds ``LMCACHE_*`` settings to the test ones."""
 
     def __init__(self, nats_url: str, env: dict[str, str] | None = None) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
-        full_env.update({f"LMCACHE_{k.upper()}": str(v) for k, v in FAST.items()})
-        full_env.update(env or {})
+        full_env = {**child_env(), **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lmcache_core.controller.cli", "--host", "127.0.0.1", "--port", "0",
              "--nats-url", nats_url, "--log-level", "WARNING"],

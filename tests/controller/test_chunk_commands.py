@@ -206,3 +206,18 @@ def test_malformed_bodies_are_a_422_naming_the_field(
 ) -> None:
     detail = _post(controller, path, body, 422)["detail"]
     assert detail[0]["loc"][: len(loc)] == loc, detail
+
+
+def test_token_bodies_may_be_256_kib_and_larger_ones_are_a_413(controller: ControllerRunner) -> None:
+    # 32,768 six-digit ids (a 32k-token prompt, about 230 KB) get past the body limit: the
+    # instance is unknown, so the answer is a 404 from the route, not a 413
+    prompt = list(range(100_000, 100_000 + 32_768))
+    for path, body in [
+        ("/pin", {"instance_id": "nope", "location": CPU, "tokens": prompt}),
+        ("/move", {"old_position": ["nope", CPU], "new_position": ["nope", DISK], "tokens": prompt}),
+    ]:
+        assert _post(controller, path, body, 404)["detail"].startswith("unknown instance 'nope'")
+        too_big = {**body, "tokens": prompt * 2}
+        assert _post(controller, path, too_big, 413)["detail"].endswith(f"{path} accepts at most 262144 bytes")
+    # the other endpoints keep 64 KiB
+    assert _post(controller, "/query_instance", {"ip": "x" * 70_000}, 413)
