@@ -71,7 +71,10 @@ class CheckFinishRequest(ApiModel):
 class CheckFinishResponse(BaseModel):
     event_id: str
     status: Literal["finished", "running", "failed"]
-    kind: str = Field(description="Which request started the event: lookup, clear or health.")
+    kind: str = Field(
+        description="Which request started the event: lookup, clear, pin, unpin, move, health, "
+        "query_instance, query_worker_info (or the controller's own resync, replay)."
+    )
     detail: str | None = None
 
 
