@@ -7,7 +7,7 @@ locations (a chunk on CPU and on disk counts at each), the same counts ``/instan
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lmcache_core.controller.errors import UnknownIpError, UnknownWorkerError
 from lmcache_core.controller.models import InstanceKeyStats, KeyStatsResponse, WorkerSummary
@@ -21,18 +21,22 @@ def key_count(controller: Controller, worker: WorkerState) -> int:
     return sum(controller.index.holder_stats(loc.holder)[0] for loc in worker.locations.values())
 
 
-def worker_summary(controller: Controller, worker: WorkerState) -> WorkerSummary:
+def lmcache_fields(worker: WorkerState) -> dict[str, Any]:
+    """LMCache's fields of a worker (``LMCacheWorkerFields``)."""
     reg = worker.registration
-    return WorkerSummary(
-        instance_id=reg.instance_id,
-        worker_id=reg.worker_id,
-        ip=reg.ip,
-        port=reg.port,
-        peer_init_url=reg.peer_init_url,
-        registration_time=worker.registered_at,
-        last_heartbeat_time=worker.last_heartbeat_time,
-        key_count=key_count(controller, worker),
-    )
+    return {
+        "instance_id": reg.instance_id,
+        "worker_id": reg.worker_id,
+        "ip": reg.ip,
+        "port": reg.port,
+        "peer_init_url": reg.peer_init_url,
+        "registration_time": worker.registered_at,
+        "last_heartbeat_time": worker.last_heartbeat_time,
+    }
+
+
+def worker_summary(controller: Controller, worker: WorkerState) -> WorkerSummary:
+    return WorkerSummary(**lmcache_fields(worker), key_count=key_count(controller, worker))
 
 
 def worker_summaries(

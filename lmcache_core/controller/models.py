@@ -93,12 +93,21 @@ class LocationInfo(BaseModel):
     tokens: int
 
 
-class WorkerInfo(BaseModel):
+class LMCacheWorkerFields(BaseModel):
+    """A worker as LMCache's API describes it (``/query_worker_info``, ``/controller/workers``)."""
+
     instance_id: str
     worker_id: int
     ip: str = Field(description="The worker's address (the one it reaches the bus from).")
     port: int = Field(description="LMCache's lmcache_worker_port of the rank when configured, else 0.")
     peer_init_url: str | None = Field(description="LMCache's p2p_host:p2p_init_ports when configured.")
+    registration_time: float = Field(description="Unix time of the latest registration.")
+    last_heartbeat_time: float = Field(description="Unix time of the latest heartbeat (0: none).")
+
+
+class WorkerInfo(LMCacheWorkerFields):
+    """LMCache's fields of a worker and ours."""
+
     world_size: int
     epoch: str
     model_name: str
@@ -107,8 +116,6 @@ class WorkerInfo(BaseModel):
     host: str
     pid: int
     locations: dict[str, LocationInfo] = Field(description="Per location, fastest first.")
-    registration_time: float = Field(description="Unix time of the latest registration.")
-    last_heartbeat_time: float = Field(description="Unix time of the latest heartbeat (0: none).")
     seconds_since_heartbeat: float | None = None
 
 
@@ -184,16 +191,9 @@ class QueryInstanceResponse(BaseModel):
     instance_ids: list[str] = Field(description="Every instance with a worker at that ip, in id order.")
 
 
-class WorkerSummary(BaseModel):
+class WorkerSummary(LMCacheWorkerFields):
     """One worker as ``GET /controller/workers`` lists it (LMCache's fields)."""
 
-    instance_id: str
-    worker_id: int
-    ip: str
-    port: int
-    peer_init_url: str | None
-    registration_time: float
-    last_heartbeat_time: float
     key_count: int = Field(description="Chunks the index credits the worker with, summed over its locations.")
 
 

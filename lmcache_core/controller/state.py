@@ -47,6 +47,7 @@ from pydantic import ValidationError
 
 from lmcache_core.config import LMCacheSettings
 from lmcache_core.controller.chunk_commands import ChunkCommands
+from lmcache_core.controller.fleet import lmcache_fields
 from lmcache_core.controller.errors import (
     BadWorkerReplyError,
     TooManyTokensError,
@@ -921,8 +922,7 @@ class Controller(ChunkCommands):
             locations[name] = LocationInfo(chunks=chunks, tokens=tokens)
         reg = worker.registration
         return WorkerInfo(
-            instance_id=reg.instance_id,
-            worker_id=reg.worker_id,
+            **lmcache_fields(worker),
             world_size=reg.world_size,
             epoch=reg.epoch,
             model_name=reg.model_name,
@@ -932,12 +932,7 @@ class Controller(ChunkCommands):
             ),
             host=reg.host,
             pid=reg.pid,
-            ip=reg.ip,
-            port=reg.port,
-            peer_init_url=reg.peer_init_url,
             locations=locations,
-            registration_time=worker.registered_at,
-            last_heartbeat_time=worker.last_heartbeat_time,
             seconds_since_heartbeat=round(time.monotonic() - worker.last_seen, 3),
         )
 

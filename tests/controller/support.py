@@ -259,6 +259,17 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def two_ranks(make_instance: Callable[..., Instance], instance_id: str, tokens0: list[int],
+              tokens1: list[int]) -> tuple[Instance, Instance]:
+    """Ranks 0 and 1 of a tensor-parallel instance (``make_instance`` of conftest), holding
+    ``tokens0`` and ``tokens1``, their events published."""
+    ranks = (make_instance(instance_id, worker_id=0, world_size=2), make_instance(instance_id, worker_id=1, world_size=2))
+    for rank, tokens in zip(ranks, (tokens0, tokens1)):
+        rank.store(tokens)
+        rank.sync()
+    return ranks
+
+
 class InstanceProcess:
     """``examples/instance.py`` as a real process; ``ready`` is its JSON ready line."""
 

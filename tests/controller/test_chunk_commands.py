@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .support import INSTANCE, PROMPT, ControllerRunner, InstanceProcess, wait_for
+from .support import INSTANCE, PROMPT, ControllerRunner, InstanceProcess, two_ranks, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -173,12 +173,7 @@ def test_move_refuses_same_location_unknown_names_and_other_instances(
 def test_pin_reaches_every_rank_and_reports_each_when_they_differ(
     controller: ControllerRunner, make_instance
 ) -> None:
-    rank0 = make_instance("tp", worker_id=0, world_size=2)
-    rank1 = make_instance("tp", worker_id=1, world_size=2)
-    rank0.store(PROMPT)
-    rank1.store(PROMPT[:4])
-    rank0.sync()
-    rank1.sync()
+    rank0, rank1 = two_ranks(make_instance, "tp", PROMPT, PROMPT[:4])
     wait_for(lambda: controller.lookup(PROMPT) == {"tp": [CPU, 4]}, what="both ranks credited")
     pinned = _post(controller, "/pin", {"instance_id": "tp", "location": CPU, "tokens": PROMPT})
     assert pinned["num_tokens"] == 16
