@@ -12,7 +12,8 @@ portal) whose task group owns every task. The worker
 * retains its recent batches (``worker_replay_batches`` / ``worker_replay_bytes``) and publishes
   a range again on a ``replay`` command ('not_retained' when it is gone: the controller resyncs);
 * answers ``clear``, ``lookup``, ``resync``, ``replay``, ``ping``, ``pin``, ``unpin`` and
-  ``move`` commands on its command topic, and carries none out after its deadline (it answers 'expired' and logs it);
+  ``move`` commands on its command topic, and carries none out after its deadline (it answers
+  'expired' and logs it);
 * re-registers and resyncs when a controller says hello (to every worker, or to this run on
   its own hello topic) and after a transport reconnect;
 * says goodbye when it stops cleanly, so the controller drops its entries at once.
@@ -47,7 +48,6 @@ from lmcache_core.errors import LMCacheError, NoResponders, RequestTimeout, Unkn
 from lmcache_core.events import EventKind, KVEvent
 from lmcache_core.keys import HASH_SCHEME
 from lmcache_core.retained import RetainedBatches
-from lmcache_core.worker_address import worker_address
 from lmcache_core.transport import Message, MessageBus
 from lmcache_core.wire import (
     HELLO_TOPIC,
@@ -74,6 +74,7 @@ from lmcache_core.wire import (
     hello_topic,
     register_topic,
 )
+from lmcache_core.worker_address import worker_address
 
 if TYPE_CHECKING:
     from lmcache_core.engine import CacheEngine
