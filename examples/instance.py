@@ -9,6 +9,13 @@ worker has registered with the controller and published what it holds::
 
 and then runs until SIGTERM or SIGINT, when it shuts down cleanly (exit status 0).
 
+With ``--control`` it also reads one JSON request per line on stdin and answers each with one
+JSON line on stdout, so a test can put an instance under pressure and see what its locations
+hold: ``{"op": "store", "tokens": [...]}`` -> ``{"stored_tokens": n}`` (stored, written and
+published to the controller); ``{"op": "where", "tokens": [...]}`` -> ``{"chunks": {location:
+[held, ...]}}`` (per chunk of the tokens); ``{"op": "stats"}`` -> ``{"stats": {location:
+{...}}}``; anything else -> ``{"error": "..."}``.
+
     LMCACHE_CONFIG_FILE=examples/example.yaml python examples/instance.py
 
 Errors (bad settings, no registration within ``--ready-timeout``) go to stderr, exit status 2.
@@ -81,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds to wait for the controller to accept the registration",
     )
+    parser.add_argument(
+        "--control", action="store_true", help="answer JSON requests on stdin (see the module's doc)"
+    )
     parser.add_argument("--log-level", default="WARNING", help="Python log level on stderr")
     return parser
 
@@ -140,8 +150,41 @@ def _serve(
         "controller": worker is not None,
     }
     print(json.dumps(ready), flush=True)
+    if args.control:
+        # a daemon thread: a read blocked on stdin must not keep a stopping instance alive
+        threading.Thread(
+            target=_answer_requests, args=(args, engine, worker), name="control", daemon=True
+        ).start()
     stop.wait()
     return 0
+
+
+def _answer_requests(args: argparse.Namespace, engine: CacheEngine, worker: WorkerHandle | None) -> None:
+    """``--control``: answer each JSON request line on stdin with one JSON line, until EOF."""
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            answer = _answer(args, engine, worker, request["op"], request.get("tokens") or [])
+        except (ValueError, KeyError, TypeError, LMCacheError) as exc:
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(answer), flush=True)
+
+
+def _answer(
+    args: argparse.Namespace, engine: CacheEngine, worker: WorkerHandle | None, op: str, tokens: list[int]
+) -> dict[str, object]:
+    if op == "store":
+        stored = engine.store(tokens, kv_for(tokens, args.num_layers, args.hidden))
+        engine.flush()
+        if worker is not None:
+            worker.sync(timeout=args.ready_timeout)
+        return {"stored_tokens": stored}
+    if op == "where":
+        keys = [engine.keys.key(h) for h in engine.hasher.hashes(tokens)]
+        return {"chunks": {name: [b.contains(k) for k in keys] for name, b in engine.backends.items()}}
+    if op == "stats":
+        return {"stats": engine.stats()}
+    raise ValueError(f"unknown op {op!r}; known: store, where, stats")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The ``lmcache`` command: operator tools (``lmcache plugins``, ``lmcache nats ...``).
+"""The ``lmcache`` command: operator tools (``lmcache plugins``, ``lmcache nats ...``,
+``lmcache controller ...``).
 
 Errors are printed on stderr without a traceback and exit with status 2.
 """
@@ -10,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from lmcache_core import cli_nats
+from lmcache_core import cli_controller, cli_nats
 from lmcache_core.errors import find_lmcache_error
 
 
@@ -23,12 +24,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lmcache", description="Operator tools of lmcache-core: loaded plugins, workers on the bus."
+        prog="lmcache",
+        description="Operator tools of lmcache-core: loaded plugins, workers on the bus, the controller's API.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plugins = sub.add_parser("plugins", help="print every loaded plugin as JSON")
     plugins.set_defaults(func=_cmd_plugins)
     cli_nats.register(sub)
+    cli_controller.register(sub)
     return parser
 
 

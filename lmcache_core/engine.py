@@ -306,27 +306,75 @@ class CacheEngine:
         return count, torch.cat(parts, dim=token_dim)
 
     # --- removing and pinning ----------------------------------------------------------------
-    def _each_chunk(self, tokens: TokenSequence, action: Callable[[StorageBackend, ChunkKey], Any]) -> int:
-        """Apply ``action`` to every chunk at every tier; count tokens of chunks it succeeded on."""
+    def _chunks_of(self, tokens: TokenSequence | None, location: str | None) -> list[tuple[ChunkKey, int]]:
+        """Keys and token counts of the chunks of ``tokens``; None: every chunk at ``location``."""
+        if tokens is None:
+            if location is None:
+                raise ValueError("give tokens, or a location to act on every chunk of")
+            return self.inventory_at(location)
+        return [(self.keys.key(span.chunk_hash), span.num_tokens) for span in self.hasher.spans(tokens)]
+
+    def _each_chunk(
+        self, tokens: TokenSequence | None, action: Callable[[StorageBackend, ChunkKey], Any],
+        location: str | None = None,
+    ) -> int:
+        """Apply ``action`` to every chunk at every tier (or at ``location`` only); count tokens
+        of chunks it succeeded on."""
+        tiers = self._tiers if location is None else [self.backend(location)]
         total = 0
-        for span in self.hasher.spans(tokens):
-            key = self.keys.key(span.chunk_hash)
-            results = [action(backend, key) for backend in self._tiers]
+        for key, num_tokens in self._chunks_of(tokens, location):
+            results = [action(backend, key) for backend in tiers]
             if any(results):
-                total += span.num_tokens
+                total += num_tokens
         return total
 
     def remove(self, tokens: TokenSequence) -> int:
         """Remove every chunk of ``tokens`` from every location; returns the tokens removed."""
         return self._each_chunk(tokens, lambda backend, key: backend.remove(key))
 
-    def pin(self, tokens: TokenSequence) -> int:
-        """Protect the chunks of ``tokens`` from eviction everywhere; returns the tokens pinned."""
-        return self._each_chunk(tokens, lambda backend, key: backend.pin(key))
+    def pin(self, tokens: TokenSequence | None, location: str | None = None) -> int:
+        """Protect the chunks of ``tokens`` from eviction everywhere (or at ``location``; None
+        tokens: every chunk there); returns the tokens pinned."""
+        return self._each_chunk(tokens, lambda backend, key: backend.pin(key), location)
 
-    def unpin(self, tokens: TokenSequence) -> int:
+    def unpin(self, tokens: TokenSequence | None, location: str | None = None) -> int:
         """Undo ``pin``; returns the tokens unpinned."""
-        return self._each_chunk(tokens, lambda backend, key: backend.unpin(key))
+        return self._each_chunk(tokens, lambda backend, key: backend.unpin(key), location)
+
+    def move(
+        self, source: str, target: str, tokens: TokenSequence | None = None, *,
+        should_copy: bool = False, timeout: float | None = None,
+    ) -> int:
+        """Put the chunks of ``tokens`` (None: every chunk of this shard) held at ``source`` into
+        ``target``, then remove them from ``source`` unless ``should_copy``; returns the tokens of
+        the chunks now at ``target``.
+
+        A chunk leaves ``source`` only once ``target`` holds it (write-behind targets are
+        flushed first, within ``timeout``), so a full target or a failed write loses nothing: the
+        chunk stays where it was and is not counted. Pins do not travel with a chunk.
+        """
+        src, dst = self.backend(source), self.backend(target)
+        if src is dst:
+            raise ValueError(f"cannot move chunks from '{source}' to itself")
+        chunks = [(key, n) for key, n in self._chunks_of(tokens, source) if src.contains(key)]
+        for key, _ in chunks:
+            if dst.contains(key):
+                continue
+            view = src.get(key)
+            if view is None:
+                continue  # evicted meanwhile
+            try:  # the view keeps the source's memory valid until the target has stored it
+                dst.put(key, view.tensor, view.num_tokens, on_done=view.release)
+            except BackendError as exc:
+                log.warning("moving a chunk into %s failed: %s", target, exc)
+        dst.flush(timeout)
+        moved = 0
+        for key, num_tokens in chunks:
+            if dst.contains(key):
+                moved += num_tokens
+                if not should_copy:
+                    src.remove(key)
+        return moved
 
     def clear(self, location: str | None = None) -> int:
         """Empty one location (or all when None); returns the tokens removed (summed per location)."""

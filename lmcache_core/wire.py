@@ -44,7 +44,9 @@ checks that the ids inside the message are the ones its topic names, so a bus th
 instance publish only its own topics (``worker_topics``: NATS authorization permissions) also
 stops it from speaking for another.
 
-Versions: 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
+Versions: 5 adds the ``pin``, ``unpin`` and ``move`` commands (``ChunksCommand``: the chunks
+of some tokens, or all, at one location) and the registration's ``ip``, ``port`` and
+``peer_init_url`` (LMCache's worker fields); 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
 ``not_retained`` and ``expired``; 3 puts the instance and rank into the registration topic (``register.<inst>.<w>``,
 was ``register``), so bus permissions tell one instance's registrations from another's; 2
 escapes instance ids in topics byte by byte (``a.b`` -> ``a%2Eb``), so distinct ids never share
@@ -61,7 +63,7 @@ from typing import Annotated, Literal, Union
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 #: characters a topic token keeps as they are; every other byte is escaped as ``%XX``
 _PLAIN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -194,6 +196,9 @@ class WorkerRegistration(WorkerIdentity):
     locations: list[str] = Field(description="Location names this worker serves, fastest first.")
     host: str = Field("", description="Host name, for operators.")
     pid: int = 0
+    ip: str = Field("", description="The worker's IP address (the one it reaches the bus from); what /query_instance matches.")
+    port: int = Field(0, ge=0, le=65535, description="LMCache's lmcache_worker_port(s) of this rank when configured, else 0.")
+    peer_init_url: str | None = Field(None, description="LMCache's p2p_host:p2p_init_ports of this rank when configured.")
 
 
 class RegistrationAck(WireModel):
@@ -304,8 +309,21 @@ class PingCommand(WireModel):
     op: Literal["ping"] = "ping"
 
 
+class ChunksCommand(WireModel):
+    """Act on the chunks of ``tokens`` (None: every chunk there) at one ``location``: ``pin``
+    or ``unpin`` them, or ``move`` them to ``to_location`` (``should_copy``: keep them at ``location``
+    too). The reply's ``num_tokens`` counts the tokens of the chunks acted on; a move's
+    ``last_seq`` names the last batch published at both locations."""
+
+    op: Literal["pin", "unpin", "move"]
+    location: str
+    tokens: list[int] | None = Field(None, description="Token ids whose chunks to act on; None: every chunk.")
+    to_location: str | None = Field(None, description="move: where the chunks go.")
+    should_copy: bool = Field(False, description="move: leave the chunks at location too.")
+
+
 Command = Annotated[
-    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand],
+    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand, ChunksCommand],
     Field(discriminator="op"),
 ]
 
@@ -332,7 +350,7 @@ class CommandReply(WireModel):
     error: str | None = None
     error_kind: str | None = None
     available_locations: list[str] | None = None
-    num_tokens: int | None = Field(None, description="clear: tokens removed; lookup: prefix tokens.")
+    num_tokens: int | None = Field(None, description="clear: tokens removed; lookup: prefix tokens; pin, unpin, move: tokens of the chunks acted on.")
     location: str | None = Field(None, description="lookup: the location holding most of the prefix.")
     last_seq: dict[str, int] | None = Field(
         None,

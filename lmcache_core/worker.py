@@ -11,8 +11,9 @@ portal) whose task group owns every task. The worker
 * heartbeats with the last batch number and chunk count per location;
 * retains its recent batches (``worker_replay_batches`` / ``worker_replay_bytes``) and publishes
   a range again on a ``replay`` command ('not_retained' when it is gone: the controller resyncs);
-* answers ``clear``, ``lookup``, ``resync``, ``replay`` and ``ping`` commands on its command
-  topic, and carries none out after its deadline (it answers 'expired' and logs it);
+* answers ``clear``, ``lookup``, ``resync``, ``replay``, ``ping``, ``pin``, ``unpin`` and
+  ``move`` commands on its command topic, and carries none out after its deadline (it answers
+  'expired' and logs it);
 * re-registers and resyncs when a controller says hello (to every worker, or to this run on
   its own hello topic) and after a transport reconnect;
 * says goodbye when it stops cleanly, so the controller drops its entries at once.
@@ -51,6 +52,7 @@ from lmcache_core.transport import Message, MessageBus
 from lmcache_core.wire import (
     HELLO_TOPIC,
     PROTOCOL_VERSION,
+    ChunksCommand,
     ClearCommand,
     CommandReply,
     CommandRequest,
@@ -72,6 +74,7 @@ from lmcache_core.wire import (
     hello_topic,
     register_topic,
 )
+from lmcache_core.worker_address import worker_address
 
 if TYPE_CHECKING:
     from lmcache_core.engine import CacheEngine
@@ -159,6 +162,7 @@ class WorkerHandle:
             epoch=uuid.uuid4().hex,
         )
         self.url: str | None = self.settings.controller_address
+        self.address = worker_address(self.settings, meta.worker_id)  # resolved once, off the loop
         self._pending: collections.deque[KVEvent] = collections.deque()
         self._seq: dict[str, int] = {}
         self._clear_seq: dict[str, int] = {}  # per location, the batch holding the latest clear
@@ -203,6 +207,9 @@ class WorkerHandle:
             locations=list(engine.locations),
             host=socket.gethostname(),
             pid=os.getpid(),
+            ip=self.address.ip,
+            port=self.address.port,
+            peer_init_url=self.address.peer_init_url,
         )
 
     def last_seq(self) -> dict[str, int]:
@@ -633,6 +640,8 @@ class WorkerHandle:
                 return self._reply(
                     ok=True, registration=self.registration(), last_seq=dict(self._seq)
                 )
+            if isinstance(command, ChunksCommand):
+                return await self._chunks(command, request.deadline)
             return self._reply(
                 ok=False, error_kind="bad_request", error=f"unsupported command {command!r}"
             )
@@ -669,6 +678,38 @@ class WorkerHandle:
             ok=True, num_tokens=removed, location=location, last_seq={location: last}
         )
 
+    async def _chunks(self, command: ChunksCommand, deadline: float | None) -> CommandReply:
+        """Pin, unpin or move chunks at one location; a move's events are published before the
+        reply, whose ``last_seq`` names the last batch of both locations. A move waits for a
+        write-behind target until shortly before the deadline: chunks not written by then stay
+        where they were (and are not counted)."""
+        assert self._publish_lock is not None
+        engine = self.engine
+        touched = [command.location] + ([command.to_location] if command.to_location else [])
+        for name in touched:
+            if name not in engine.backends:
+                raise UnknownLocationError(name, engine.locations)
+        if command.op == "move":
+            if command.to_location is None:
+                raise ValueError("a move needs to_location")
+            acted = await anyio.to_thread.run_sync(
+                lambda: engine.move(
+                    command.location, command.to_location, command.tokens,
+                    should_copy=command.should_copy, timeout=_time_left(deadline),
+                ),
+                abandon_on_cancel=True,
+            )
+        else:
+            action = engine.pin if command.op == "pin" else engine.unpin
+            acted = await anyio.to_thread.run_sync(
+                action, command.tokens, command.location, abandon_on_cancel=True
+            )
+        async with self._publish_lock:
+            while await self._publish_pending_locked():
+                pass
+            last = {name: self._seq.get(name, 0) for name in touched}
+        return self._reply(ok=True, num_tokens=acted, location=command.location, last_seq=last)
+
     async def _lookup(self, tokens: list[int]) -> CommandReply:
         found, location = await anyio.to_thread.run_sync(
             self._lookup_sync, tokens, abandon_on_cancel=True
@@ -693,6 +734,12 @@ class WorkerHandle:
             return 0, None
         best = max(held, key=held.__getitem__)  # max keeps the first (fastest) of equals
         return found, best
+
+
+def _time_left(deadline: float | None, margin: float = 0.25) -> float | None:
+    """Seconds until shortly before ``deadline`` (None: no deadline), so the reply still
+    arrives in time."""
+    return None if deadline is None else max(0.0, deadline - time.time() - margin)
 
 
 def _explain_bad_request(payload: bytes, exc: ValidationError) -> str:

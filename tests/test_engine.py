@@ -226,3 +226,41 @@ def test_the_engine_announces_only_its_own_shard_when_a_backend_admits_others(tm
         engine.store(PROMPT, kv_for(PROMPT))
         assert [(e.kind, e.key.model_name) for e in seen] == [(EventKind.ADMIT, "test-model")]
         assert [k.model_name for k, _ in engine.inventory()["LocalCPUBackend"]] == ["test-model"]
+
+
+def test_move_keeps_data_bit_exact_and_a_full_target_loses_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    # a disk tier smaller than any chunk (32 KiB of KV, 11 KiB for the last 88 tokens): every
+    # put there is refused
+    settings = load_settings(chunk_size=256, max_local_cpu_size=0.05, local_disk=str(tmp_path / "disk"),
+                             max_local_disk_size=8 * 1024 / 2**30)
+    toks = tokens(600)
+    kv = kv_for(toks)
+    with CacheEngine(settings, META) as eng:
+        eng.store(toks, kv)
+        eng.flush(10)
+        assert eng.inventory_at("LocalDiskBackend") == []
+        assert eng.move("LocalCPUBackend", "LocalDiskBackend") == 0  # nothing fits: nothing leaves
+        assert len(eng.inventory_at("LocalCPUBackend")) == 3
+        n, got = eng.retrieve_tensor(toks)
+        assert n == 600 and torch.equal(bits(got), bits(kv))
+        with pytest.raises(ValueError, match="to itself"):
+            eng.move("LocalCPUBackend", "LocalCPUBackend")
+
+
+def test_move_to_disk_and_back_and_pins_per_location(engine):
+    toks = tokens(600)
+    kv = kv_for(toks)
+    engine.store(toks, kv)
+    engine.flush(10)
+    assert engine.clear("LocalDiskBackend") == 600
+    assert engine.pin(toks, "LocalCPUBackend") == 600
+    assert engine.stats()["LocalDiskBackend"]["pinned_bytes"] == 0
+    assert engine.move("LocalCPUBackend", "LocalDiskBackend", toks[:512]) == 512  # two full chunks
+    assert [n for _, n in engine.inventory_at("LocalCPUBackend")] == [88]
+    assert sorted(n for _, n in engine.inventory_at("LocalDiskBackend")) == [256, 256]
+    assert engine.move("LocalDiskBackend", "LocalCPUBackend", should_copy=True) == 512
+    assert len(engine.inventory_at("LocalDiskBackend")) == 2 and len(engine.inventory_at("LocalCPUBackend")) == 3
+    n, got = engine.retrieve_tensor(toks)
+    assert n == 600 and torch.equal(bits(got), bits(kv))
+    assert engine.unpin(None, "LocalCPUBackend") == 88  # only the chunk that stayed is still pinned

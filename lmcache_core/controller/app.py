@@ -144,16 +144,23 @@ def create_app(controller: Controller, pm: pluggy.PluginManager | None = None) -
         seen.add(path)
     settings = controller.settings
     lookup_limit = settings.controller_max_request_bytes
+    # the raw paths (/lookup) take token lists; so do routes whose endpoint names its own limit
+    # (``lmcache_body_limit``: /pin, /move ...); every other endpoint a few ids
+    body_limits = {
+        path: (lookup_limit, _accepts(path, lookup_limit, "controller_max_request_bytes")) for path in fast_paths
+    }
+    for route in app.routes:
+        limit = getattr(getattr(route, "endpoint", None), "lmcache_body_limit", None)
+        path = getattr(route, "path", "")
+        if limit is not None and path not in body_limits:
+            body_limits[path] = (limit, _accepts(path, limit))
     app.add_middleware(
         ApiGuard,
         controller=controller,
         token=settings.controller_api_token,
         routes=routes,
         fast_paths=fast_paths,
-        # the raw paths (/lookup) take token lists; every other endpoint a few ids
-        body_limits={
-            path: (lookup_limit, _accepts(path, lookup_limit, "controller_max_request_bytes")) for path in fast_paths
-        },
+        body_limits=body_limits,
         body_timeout=settings.controller_request_timeout,
     )
     return app

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -93,42 +94,57 @@ class Commands(ControllerBase):
         return replies, errors
 
 
-    async def clear(self, instance_id: str, location: str) -> ClearResponse:
-        """Empty ``location`` on every rank of an instance; the index forgets it before returning."""
+    @staticmethod
+    def check_locations(available: list[str], names: list[str]) -> None:
+        """``UnknownLocationError`` (listing ``available``) for the first of ``names`` not in it."""
+        for name in names:
+            if name not in available:
+                raise UnknownLocationError(name, available)
+
+    async def command_instance(
+        self, instance_id: str, command: Any, locations: list[str],
+        after: Callable[[dict[int, CommandReply]], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """Send ``command`` to every rank of an instance under a ``/check_finish`` id of its
+        ``op``; ``after(replies)`` runs once every rank answered ok. Returns the answer's fields:
+        ``event_id``, ``num_tokens`` summed over ranks, and ``num_tokens_per_worker`` when the
+        ranks differ. ``locations`` must be the instance's (400 listing them otherwise)."""
         ranks = self._ranks(instance_id)
-        available = self.instance_locations(instance_id)
-        if location not in available:
-            raise UnknownLocationError(location, available)
-        event_id = self.events.start("clear")
+        self.check_locations(self.instance_locations(instance_id), locations)
+        what = f"{command.op} of '{command.location}' on instance '{instance_id}'"
+        event_id = self.events.start(command.op)
         try:
-            replies, errors = await self._fan_out(ranks, ClearCommand(location=location), event_id)
+            replies, errors = await self._fan_out(ranks, command, event_id)
             if errors:
-                raise WorkerUnavailableError(
-                    f"clear of '{location}' on instance '{instance_id}' failed: "
-                    + "; ".join(str(errors[r]) for r in sorted(errors))
-                )
+                raise WorkerUnavailableError(f"{what} failed: " + "; ".join(str(errors[r]) for r in sorted(errors)))
             for rank, reply in sorted(replies.items()):
                 if not reply.ok:
                     if reply.error_kind == "unknown_location":
-                        raise UnknownLocationError(location, reply.available_locations or [])
-                    raise BadWorkerReplyError(
-                        f"worker {instance_id}/{rank} could not clear '{location}': {reply.error}"
-                    )
-            per_rank: dict[int, int] = {}
-            for rank, reply in replies.items():
-                per_rank[rank] = int(reply.num_tokens or 0)
-                self._apply_clear(instance_id, rank, location, reply)
+                        raise UnknownLocationError(command.location, reply.available_locations or [])
+                    raise BadWorkerReplyError(f"worker {instance_id}/{rank} failed the {what}: {reply.error}")
+            if after is not None:
+                await after(replies)
         except LMCacheError as exc:
             self.events.finish(event_id, ok=False, detail=str(exc))
             raise
         self.events.finish(event_id)
+        per_rank = {rank: int(reply.num_tokens or 0) for rank, reply in sorted(replies.items())}
         differ = len(set(per_rank.values())) > 1
-        return ClearResponse(
-            event_id=event_id,
-            num_tokens=sum(per_rank.values()),
-            num_tokens_per_worker=dict(sorted(per_rank.items())) if differ else None,
-        )
+        return {
+            "event_id": event_id,
+            "num_tokens": sum(per_rank.values()),
+            "num_tokens_per_worker": per_rank if differ else None,
+        }
 
+    async def clear(self, instance_id: str, location: str) -> ClearResponse:
+        """Empty ``location`` on every rank of an instance; the index forgets it before returning.
+        Pinned chunks are removed too (a pin protects from eviction, not from a clear)."""
+
+        async def forget(replies: dict[int, CommandReply]) -> None:
+            for rank, reply in replies.items():
+                self._apply_clear(instance_id, rank, location, reply)
+
+        return ClearResponse(**await self.command_instance(instance_id, ClearCommand(location=location), [location], forget))
 
     async def health(self, instance_id: str) -> HealthResponse:
         """Ping every rank of an instance."""

@@ -56,6 +56,25 @@ class UnknownWorkerError(LMCacheError, KeyError):
         return str(self.args[0])
 
 
+class UnknownIpError(LMCacheError, KeyError):
+    """An ip address no registered worker reported."""
+
+    def __init__(self, ip: str, known: Iterable[str]) -> None:
+        listed = ", ".join(sorted(set(known))[:MAX_ERRORS * 4]) or "(none registered)"
+        super().__init__(f"no instance has ip '{_short(ip, MAX_FIELD)}'; registered ips: {listed}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class BadOperationError(LMCacheError):
+    """A request that is well formed but asks for something this controller cannot do (400)."""
+
+
+class NeedsPeerToPeerError(BadOperationError):
+    """A move between two instances: that needs a peer-to-peer transfer between them."""
+
+
 class TooManyTokensError(LMCacheError):
     """A lookup's token list is longer than ``controller_max_lookup_tokens``."""
 
@@ -78,9 +97,9 @@ class BadWorkerReplyError(LMCacheError):
 
 def http_status(exc: LMCacheError) -> int:
     """The HTTP status an error becomes at the API boundary."""
-    if isinstance(exc, (UnknownInstanceError, UnknownWorkerError)):
+    if isinstance(exc, (UnknownInstanceError, UnknownWorkerError, UnknownIpError)):
         return 404
-    if isinstance(exc, UnknownLocationError):
+    if isinstance(exc, (UnknownLocationError, BadOperationError)):
         return 400
     if isinstance(exc, (TooManyTokensError, RequestTooLargeError)):
         return 413

@@ -1,7 +1,8 @@
 """Request and response bodies of the controller's HTTP API (they feed its OpenAPI schema).
 
-Field names follow LMCache's controller API (``/lookup``, ``/clear``, ``/check_finish``,
-``/health``, ``/query_worker_info``) so existing operator scripts keep working; wire models
+Field names follow LMCache's controller API (``/lookup``, ``/clear``, ``/pin``, ``/unpin``,
+``/move``, ``/check_finish``, ``/health``, ``/query_instance``, ``/query_worker_info``,
+``/controller/workers``, ``/controller/key-stats``) so existing operator scripts keep working; wire models
 from ``lmcache_core.wire`` appear where they cross the API (``HashingParams``).
 """
 
@@ -22,6 +23,7 @@ MAX_INSTANCE_ID_LENGTH = MAX_TOPIC_TOKEN
 
 TokenId = Annotated[int, Field(strict=True, ge=0, lt=MAX_TOKEN_ID)]
 InstanceIdField = Annotated[str, Field(min_length=1, max_length=MAX_INSTANCE_ID_LENGTH)]
+LocationField = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH, description="e.g. 'LocalCPUBackend'.")]
 
 class ApiModel(BaseModel):
     """Base of request bodies: unknown fields are errors, so typos do not pass silently."""
@@ -51,7 +53,7 @@ class LookupResponse(BaseModel):
 
 class ClearRequest(ApiModel):
     instance_id: InstanceIdField
-    location: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, description="e.g. 'LocalCPUBackend'.")
+    location: LocationField
 
 
 class ClearResponse(BaseModel):
@@ -69,7 +71,10 @@ class CheckFinishRequest(ApiModel):
 class CheckFinishResponse(BaseModel):
     event_id: str
     status: Literal["finished", "running", "failed"]
-    kind: str = Field(description="Which request started the event: lookup, clear or health.")
+    kind: str = Field(
+        description="Which request started the event: lookup, clear, pin, unpin, move, health, "
+        "query_instance, query_worker_info (or the controller's own resync, replay)."
+    )
     detail: str | None = None
 
 
@@ -88,9 +93,21 @@ class LocationInfo(BaseModel):
     tokens: int
 
 
-class WorkerInfo(BaseModel):
+class LMCacheWorkerFields(BaseModel):
+    """A worker as LMCache's API describes it (``/query_worker_info``, ``/controller/workers``)."""
+
     instance_id: str
     worker_id: int
+    ip: str = Field(description="The worker's address (the one it reaches the bus from).")
+    port: int = Field(description="LMCache's lmcache_worker_port of the rank when configured, else 0.")
+    peer_init_url: str | None = Field(description="LMCache's p2p_host:p2p_init_ports when configured.")
+    registration_time: float = Field(description="Unix time of the latest registration.")
+    last_heartbeat_time: float = Field(description="Unix time of the latest heartbeat (0: none).")
+
+
+class WorkerInfo(LMCacheWorkerFields):
+    """LMCache's fields of a worker and ours."""
+
     world_size: int
     epoch: str
     model_name: str
@@ -99,15 +116,13 @@ class WorkerInfo(BaseModel):
     host: str
     pid: int
     locations: dict[str, LocationInfo] = Field(description="Per location, fastest first.")
-    registration_time: float = Field(description="Unix time of the latest registration.")
-    last_heartbeat_time: float = Field(description="Unix time of the latest heartbeat (0: none).")
     seconds_since_heartbeat: float | None = None
 
 
 class QueryWorkerInfoRequest(ApiModel):
-    instance_id: InstanceIdField
+    instance_id: InstanceIdField = Field(description="An instance id, or 'all': every instance.")
     worker_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="Ranks to report; None: every rank."
+        None, description="Ranks to report; None or []: every rank (with 'all': these ranks of every instance)."
     )
 
 
@@ -128,3 +143,73 @@ class InstanceInfo(BaseModel):
 
 class InstancesResponse(BaseModel):
     instances: list[InstanceInfo]
+
+
+class TokensAtLocationRequest(ApiModel):
+    """The body of ``/pin`` and ``/unpin``: the chunks of ``tokens`` at one location of an instance."""
+
+    instance_id: InstanceIdField
+    location: LocationField
+    tokens: list[TokenId] = Field(description="Token ids whose chunks to act on: JSON integers in [0, 2^32).")
+
+
+class ChunksResponse(BaseModel):
+    """The answer of ``/pin``, ``/unpin`` and ``/move``."""
+
+    event_id: str
+    num_tokens: int = Field(description="Tokens of the chunks acted on, summed over the instance's ranks.")
+    num_tokens_per_worker: dict[int, int] | None = Field(
+        None, description="Tokens per rank; present only when the ranks differ."
+    )
+
+
+#: ``[instance_id, location]``, as LMCache's ``/move`` names a position
+Position = tuple[InstanceIdField, LocationField]
+
+
+class MoveRequest(ApiModel):
+    old_position: Position = Field(description="[instance_id, location] the chunks are at.")
+    new_position: Position = Field(description="[instance_id, location] they go to (the same instance).")
+    tokens: list[TokenId] | None = Field(
+        None, description="Token ids whose chunks to move; null or []: every chunk at old_position."
+    )
+    should_copy: Annotated[bool, Field(strict=True)] | None = Field(
+        False, description="Leave the chunks at old_position too: JSON true or false (null: false)."
+    )
+
+
+class QueryInstanceRequest(ApiModel):
+    ip: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, description="A worker's ip, as it registered it.")
+    event_id: str | None = Field(
+        None, max_length=64, description="Accepted (and ignored) for LMCache clients that send one."
+    )
+
+
+class QueryInstanceResponse(BaseModel):
+    event_id: str
+    res: str = Field(description="The instance id of a worker with that ip (the first in id order).")
+    instance_ids: list[str] = Field(description="Every instance with a worker at that ip, in id order.")
+
+
+class WorkerSummary(LMCacheWorkerFields):
+    """One worker as ``GET /controller/workers`` lists it (LMCache's fields)."""
+
+    key_count: int = Field(description="Chunks the index credits the worker with, summed over its locations.")
+
+
+class WorkersResponse(BaseModel):
+    workers: list[WorkerSummary]
+    total_count: int
+
+
+class InstanceKeyStats(BaseModel):
+    instance_id: str
+    key_count: int
+    worker_count: int
+
+
+class KeyStatsResponse(BaseModel):
+    total_key_count: int
+    total_instance_count: int
+    total_worker_count: int
+    instances: list[InstanceKeyStats]

@@ -15,23 +15,32 @@ import anyio
 import anyio.to_thread
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.types import Scope, Send
 
 from lmcache_core.controller.asgi import send_json
+from lmcache_core.controller import fleet
 from lmcache_core.controller.deps import get_controller
 from lmcache_core.controller.errors import MAX_ERRORS, error_answer
 from lmcache_core.controller.models import (
     CheckFinishRequest,
     CheckFinishResponse,
+    ChunksResponse,
     ClearRequest,
     ClearResponse,
     HealthRequest,
     HealthResponse,
     InstancesResponse,
+    KeyStatsResponse,
+    MoveRequest,
+    QueryInstanceRequest,
+    QueryInstanceResponse,
+    TokensAtLocationRequest,
+    WorkerSummary,
+    WorkersResponse,
     MAX_INSTANCE_ID_LENGTH,
     MAX_NAME_LENGTH,
     MAX_TOKEN_ID,
@@ -63,6 +72,9 @@ _NAME_LIMITS = (("model", MAX_NAME_LENGTH), ("instance_id", MAX_INSTANCE_ID_LENG
 #: bodies larger than this are parsed and hashed in a worker thread, so the event loop keeps
 #: serving heartbeats meanwhile (an 8,192-token body is about 50 KB)
 OFF_LOOP_BYTES = 256 * 1024
+#: largest body of the other endpoints that take token ids (/pin, /unpin, /move): about
+#: 40,000 ids, which pydantic validates on the event loop (a few tens of milliseconds at most)
+TOKENS_BODY_BYTES = OFF_LOOP_BYTES
 #: big bodies parsed at once (each may take several times its size in memory while parsed)
 OFF_LOOP_THREADS = 2
 
@@ -187,6 +199,15 @@ class LookupFastPath:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "Unknown instance or worker; the detail names the registered ones."},
 }
+#: what a command sent to every rank of an instance may answer besides 200
+_COMMAND_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    400: {"description": "Unknown location (the detail lists the instance's locations), or an operation "
+          "this controller cannot do (the detail says why)."},
+    413: {"description": "A body over 256 KiB (about 40,000 token ids)."},
+    502: {"description": "A worker answered with an error or something unreadable."},
+    504: {"description": "A worker did not answer within controller_command_timeout."},
+}
 
 
 def build_router() -> APIRouter:
@@ -226,6 +247,52 @@ def build_router() -> APIRouter:
         """Empty one location on every rank of an instance; returns the tokens removed."""
         return await controller.clear(body.instance_id, body.location)
 
+    @router.post("/pin", response_model=ChunksResponse, response_model_exclude_none=True, responses=_COMMAND_ERRORS)
+    async def pin(body: TokensAtLocationRequest, controller: Controller = Depends(get_controller)) -> Any:
+        """Protect the chunks of the tokens at one location of every rank from eviction
+        (not from /clear); returns the tokens pinned."""
+        return await controller.pin(body.instance_id, body.location, body.tokens)
+
+    @router.post("/unpin", response_model=ChunksResponse, response_model_exclude_none=True, responses=_COMMAND_ERRORS)
+    async def unpin(body: TokensAtLocationRequest, controller: Controller = Depends(get_controller)) -> Any:
+        """Make pinned chunks of the tokens at one location evictable again; returns the tokens unpinned."""
+        return await controller.unpin(body.instance_id, body.location, body.tokens)
+
+    @router.post("/move", response_model=ChunksResponse, response_model_exclude_none=True, responses=_COMMAND_ERRORS)
+    async def move(body: MoveRequest, controller: Controller = Depends(get_controller)) -> Any:
+        """Move (or copy) chunks between two locations of one instance, on every rank; returns the
+        tokens now at the new location. Between two instances: 400 (that needs peer-to-peer)."""
+        return await controller.move(body.old_position, body.new_position, body.tokens, bool(body.should_copy))
+
+    for endpoint in (pin, unpin, move):
+        endpoint.lmcache_body_limit = TOKENS_BODY_BYTES  # type: ignore[attr-defined]  # see create_app
+
+    @router.post("/query_instance", response_model=QueryInstanceResponse,
+                 responses={404: {"description": "No worker registered that ip; the detail lists the known ones."}})
+    async def query_instance(body: QueryInstanceRequest, controller: Controller = Depends(get_controller)) -> Any:
+        """The instance whose workers registered this ip."""
+        found = fleet.instances_at(controller, body.ip)
+        event_id = controller.events.start("query_instance", status="finished")
+        return {"event_id": event_id, "res": found[0], "instance_ids": found}
+
+    @router.get("/controller/workers", response_model=WorkersResponse | WorkerSummary, responses=_ERRORS)
+    async def workers(
+        instance_id: str | None = Query(None, min_length=1, max_length=MAX_INSTANCE_ID_LENGTH),
+        worker_id: int | None = Query(None, ge=0),
+        controller: Controller = Depends(get_controller),
+    ) -> Any:
+        """Registered workers with their key counts: every one, an instance's, or (both given,
+        as LMCache answers) that one worker alone."""
+        found = fleet.worker_summaries(controller, instance_id, worker_id)
+        if instance_id is not None and worker_id is not None:
+            return found[0]
+        return {"workers": found, "total_count": len(found)}
+
+    @router.get("/controller/key-stats", response_model=KeyStatsResponse)
+    async def key_stats(controller: Controller = Depends(get_controller)) -> Any:
+        """Chunks ("keys") and workers per instance, and their totals."""
+        return fleet.key_stats(controller)
+
     @router.post("/check_finish", response_model=CheckFinishResponse, responses={404: {"description": "Unknown event id."}})
     async def check_finish(body: CheckFinishRequest, controller: Controller = Depends(get_controller)) -> Any:
         """Status of an event id returned by another endpoint."""
@@ -248,7 +315,8 @@ def build_router() -> APIRouter:
     async def query_worker_info(
         body: QueryWorkerInfoRequest, controller: Controller = Depends(get_controller)
     ) -> Any:
-        """Workers of an instance: locations, chunk and token counts, last heartbeat."""
+        """Workers of an instance (or of every instance: 'all'): locations, chunk and token
+        counts, address, registration and last heartbeat."""
         infos = controller.worker_infos(body.instance_id, body.worker_ids)
         return {"event_id": controller.events.start("query_worker_info", status="finished"), "worker_infos": infos}
 

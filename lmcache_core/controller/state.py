@@ -31,8 +31,10 @@ from anyio.abc import TaskGroup
 
 from lmcache_core.config import LMCacheSettings
 from lmcache_core.controller.apply import MAX_HELD_BATCHES, REPLAYS_BEFORE_RESYNC, EventApplication
+from lmcache_core.controller.chunk_commands import ChunkCommands
 from lmcache_core.controller.commands import Commands
 from lmcache_core.controller.errors import TooManyTokensError, UnknownWorkerError
+from lmcache_core.controller.fleet import lmcache_fields
 from lmcache_core.controller.index import KVIndex
 from lmcache_core.controller.metrics import ControllerMetrics
 from lmcache_core.controller.models import InstanceInfo, LocationInfo, WorkerInfo
@@ -66,7 +68,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class Controller(Registry, EventApplication, Commands):
+#: the instance id ``/query_worker_info`` reads as every instance (LMCache's convention)
+ALL_INSTANCES = "all"
+
+class Controller(Registry, EventApplication, Commands, ChunkCommands):
     """Registry of workers and their KV index, plus the operations the HTTP API exposes."""
 
     def __init__(
@@ -162,8 +167,7 @@ class Controller(Registry, EventApplication, Commands):
             locations[name] = LocationInfo(chunks=chunks, tokens=tokens)
         reg = worker.registration
         return WorkerInfo(
-            instance_id=reg.instance_id,
-            worker_id=reg.worker_id,
+            **lmcache_fields(worker),
             world_size=reg.world_size,
             epoch=reg.epoch,
             model_name=reg.model_name,
@@ -174,19 +178,27 @@ class Controller(Registry, EventApplication, Commands):
             host=reg.host,
             pid=reg.pid,
             locations=locations,
-            registration_time=worker.registered_at,
-            last_heartbeat_time=worker.last_heartbeat_time,
             seconds_since_heartbeat=round(time.monotonic() - worker.last_seen, 3),
         )
 
     def worker_infos(self, instance_id: str, worker_ids: list[int] | None = None) -> list[WorkerInfo]:
-        """The given ranks of an instance (every rank when None); unknown ones raise ``UnknownWorkerError``."""
+        """The given ranks of an instance (every rank when None or empty); unknown ones raise
+        ``UnknownWorkerError``. ``instance_id`` 'all': those ranks of every instance (LMCache's
+        page asks so), in id order, without an error for an instance lacking one."""
+        if instance_id == ALL_INSTANCES:
+            wanted = set(worker_ids or ())
+            return [
+                self.worker_info(worker)
+                for inst in sorted(self.instances)
+                for worker in self._ranks(inst)
+                if not wanted or worker.worker_id in wanted
+            ]
         ranks = {w.worker_id: w for w in self._ranks(instance_id)}
-        wanted = sorted(ranks) if worker_ids is None else list(dict.fromkeys(worker_ids))
-        missing = [r for r in wanted if r not in ranks]
+        wanted_ranks = sorted(ranks) if not worker_ids else list(dict.fromkeys(worker_ids))
+        missing = [r for r in wanted_ranks if r not in ranks]
         if missing:
             raise UnknownWorkerError(instance_id, missing, ranks)
-        return [self.worker_info(ranks[r]) for r in wanted]
+        return [self.worker_info(ranks[r]) for r in wanted_ranks]
 
     def instance_infos(self) -> list[InstanceInfo]:
         """Every registered instance with its workers and totals, sorted by id."""

@@ -3,6 +3,7 @@ processes, in-process engines with real workers, and polling with a deadline (ne
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -247,22 +248,40 @@ class Instance:
         self.engine.close()
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a process a test starts: this one's without its ``LMCACHE_*``
+    settings, plus the test settings (``FAST``) and the plugin selection, if any."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+    env.update({f"LMCACHE_{k.upper()}": str(v) for k, v in FAST.items()})
+    for name in ("LMCACHE_PLUGINS", "LMCACHE_DISABLE_PLUGINS"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def two_ranks(make_instance: Callable[..., Instance], instance_id: str, tokens0: list[int],
+              tokens1: list[int]) -> tuple[Instance, Instance]:
+    """Ranks 0 and 1 of a tensor-parallel instance (``make_instance`` of conftest), holding
+    ``tokens0`` and ``tokens1``, their events published."""
+    ranks = (make_instance(instance_id, worker_id=0, world_size=2), make_instance(instance_id, worker_id=1, world_size=2))
+    for rank, tokens in zip(ranks, (tokens0, tokens1)):
+        rank.store(tokens)
+        rank.sync()
+    return ranks
+
+
 class InstanceProcess:
     """``examples/instance.py`` as a real process; ``ready`` is its JSON ready line."""
 
     def __init__(self, nats_url: str, tmp: Path, *, instance_id: str = INSTANCE, args: list[str] = (), disk: bool = True,
                  config_file: Path | None = None, env: dict[str, str] | None = None) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
-        full_env.update({f"LMCACHE_{k.upper()}": str(v) for k, v in FAST.items()})
+        full_env = child_env()
         full_env.update(
             LMCACHE_ENABLE_CONTROLLER="true",
             LMCACHE_CONTROLLER_URL=nats_url,
             LMCACHE_LMCACHE_INSTANCE_ID=instance_id,
             LMCACHE_MAX_LOCAL_CPU_SIZE="0.05",
         )
-        for name in ("LMCACHE_PLUGINS", "LMCACHE_DISABLE_PLUGINS"):
-            if name in os.environ:
-                full_env[name] = os.environ[name]
         if config_file is not None:
             full_env["LMCACHE_CONFIG_FILE"] = str(config_file)
         if disk:
@@ -271,9 +290,19 @@ class InstanceProcess:
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "examples" / "instance.py"), *args],
+            stdin=subprocess.PIPE if "--control" in args else None,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=tmp,
         )
         self.ready = read_json_line(self.proc, "ready", "instance.py")
+
+    def control(self, op: str, tokens: list[int] | None = None) -> dict[str, Any]:
+        """Send one ``--control`` request (``examples/instance.py``) and read its answer."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None, "start it with args=['--control']"
+        self.proc.stdin.write(json.dumps({"op": op, "tokens": tokens or []}) + "\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline() or "{}")
+        assert "error" not in answer and answer, f"instance.py answered {answer!r} to {op}"
+        return answer
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         self.proc.send_signal(sig)
@@ -291,7 +320,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-    for stream in (proc.stdout, proc.stderr):
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
 
@@ -322,9 +351,7 @@ class ControllerProcess:
     ``kill()`` ends it like a crash. ``env`` adds ``LMCACHE_*`` settings to the test ones."""
 
     def __init__(self, nats_url: str, env: dict[str, str] | None = None) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
-        full_env.update({f"LMCACHE_{k.upper()}": str(v) for k, v in FAST.items()})
-        full_env.update(env or {})
+        full_env = {**child_env(), **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lmcache_core.controller.cli", "--host", "127.0.0.1", "--port", "0",
              "--nats-url", nats_url, "--log-level", "WARNING"],

@@ -76,7 +76,9 @@ def test_every_endpoint_needs_the_bearer_token_when_one_is_set(nats_url: str) ->
     with ControllerRunner(nats_url, controller_settings(controller_api_token="s3cret")) as runner:
         client = runner.client
         for method, path in [("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/metrics"), ("GET", "/instances"),
-                             ("POST", "/lookup"), ("POST", "/clear"), ("POST", "/check_finish")]:
+                             ("POST", "/lookup"), ("POST", "/clear"), ("POST", "/check_finish"),
+                             ("POST", "/pin"), ("POST", "/unpin"), ("POST", "/move"), ("POST", "/query_instance"),
+                             ("GET", "/controller/workers"), ("GET", "/controller/key-stats")]:
             response = client.request(method, path, json={"tokens": [1]})
             assert response.status_code == 401, path
             assert response.json() == {"detail": "missing or wrong bearer token"}
@@ -125,9 +127,8 @@ def test_metrics_report_workers_indexed_chunks_and_request_latency(registered: C
 
 def test_openapi_schema_lists_the_endpoints_with_their_models(controller: ControllerRunner) -> None:
     schema = controller.client.get("/openapi.json").json()
-    assert {"/lookup", "/clear", "/check_finish", "/health", "/instances", "/query_worker_info", "/metrics"} <= set(
-        schema["paths"]
-    )
+    assert {"/lookup", "/clear", "/check_finish", "/health", "/instances", "/query_worker_info", "/metrics", "/pin",
+            "/unpin", "/move", "/query_instance", "/controller/workers", "/controller/key-stats"} <= set(schema["paths"])
     assert "HashingParams" in schema["components"]["schemas"]
     assert controller.client.get("/docs").status_code == 200
 

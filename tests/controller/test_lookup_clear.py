@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .support import PROMPT, ControllerRunner, wait_for
+from .support import PROMPT, ControllerRunner, two_ranks, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,12 +46,7 @@ def test_lookup_credits_each_instance_with_its_own_prefix_and_clear_touches_only
 def test_lookup_credits_an_instance_with_the_shortest_prefix_of_its_ranks(
     controller: ControllerRunner, make_instance
 ) -> None:
-    rank0 = make_instance("tp", worker_id=0, world_size=2)
-    rank1 = make_instance("tp", worker_id=1, world_size=2)
-    rank0.store(PROMPT)
-    rank1.store(PROMPT[:4])
-    rank0.sync()
-    rank1.sync()
+    two_ranks(make_instance, "tp", PROMPT, PROMPT[:4])
     wait_for(lambda: controller.lookup(PROMPT) == {"tp": ["LocalCPUBackend", 4]}, what="min over ranks")
     response = controller.client.post("/clear", json={"instance_id": "tp", "location": "LocalCPUBackend"})
     assert response.status_code == 200
