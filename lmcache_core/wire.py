@@ -44,7 +44,9 @@ checks that the ids inside the message are the ones its topic names, so a bus th
 instance publish only its own topics (``worker_topics``: NATS authorization permissions) also
 stops it from speaking for another.
 
-Versions: 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
+Versions: 5 adds the ``recode`` command (``/compress`` and ``/decompress``: re-encode one
+location's chunks in place) and the reply kinds ``unknown_codec`` (with ``available_codecs``)
+and ``unsupported``; 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
 ``not_retained`` and ``expired``; 3 puts the instance and rank into the registration topic (``register.<inst>.<w>``,
 was ``register``), so bus permissions tell one instance's registrations from another's; 2
 escapes instance ids in topics byte by byte (``a.b`` -> ``a%2Eb``), so distinct ids never share
@@ -61,7 +63,7 @@ from typing import Annotated, Literal, Union
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 #: characters a topic token keeps as they are; every other byte is escaped as ``%XX``
 _PLAIN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -304,8 +306,20 @@ class PingCommand(WireModel):
     op: Literal["ping"] = "ping"
 
 
+class RecodeCommand(WireModel):
+    """Re-encode the chunks at one location in place: ``compress`` with codec ``method``, or
+    ``decompress`` what ``method`` encoded; only the chunks of ``tokens`` when given. The reply's
+    ``num_tokens`` counts the tokens of the chunks changed."""
+
+    op: Literal["recode"] = "recode"
+    action: Literal["compress", "decompress"]
+    method: str
+    location: str
+    tokens: list[int] | None = None
+
+
 Command = Annotated[
-    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand],
+    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand, RecodeCommand],
     Field(discriminator="op"),
 ]
 
@@ -323,7 +337,8 @@ class CommandRequest(WireModel):
 class CommandReply(WireModel):
     """A worker's answer. ``error_kind`` is machine-readable: 'unknown_location', 'bad_request',
     'not_retained' (a replay of batches no longer kept), 'expired' (read after its deadline, not
-    carried out), 'internal'; ``error`` is the human message."""
+    carried out), 'unknown_codec' (with ``available_codecs``), 'unsupported' (a codec cannot do
+    what was asked there), 'internal'; ``error`` is the human message."""
 
     ok: bool
     instance_id: str
@@ -332,7 +347,10 @@ class CommandReply(WireModel):
     error: str | None = None
     error_kind: str | None = None
     available_locations: list[str] | None = None
-    num_tokens: int | None = Field(None, description="clear: tokens removed; lookup: prefix tokens.")
+    available_codecs: list[str] | None = None
+    num_tokens: int | None = Field(
+        None, description="clear: tokens removed; lookup: prefix tokens; recode: tokens re-encoded."
+    )
     location: str | None = Field(None, description="lookup: the location holding most of the prefix.")
     last_seq: dict[str, int] | None = Field(
         None,

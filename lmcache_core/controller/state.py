@@ -38,7 +38,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import anyio
 import numpy as np
@@ -62,8 +62,10 @@ from lmcache_core.controller.models import (
     HealthResponse,
     InstanceInfo,
     LocationInfo,
+    RecodeResponse,
     WorkerInfo,
 )
+from lmcache_core.codecs import CodecError, UnknownCodecError
 from lmcache_core.errors import LMCacheError, NoResponders, RequestTimeout, TransportError, UnknownLocationError
 from lmcache_core.events import EventKind
 from lmcache_core.keys import HASH_SCHEME, TokenHasher, as_token_array
@@ -84,6 +86,7 @@ from lmcache_core.wire import (
     Heartbeat,
     Hello,
     PingCommand,
+    RecodeCommand,
     RegistrationAck,
     ReplayCommand,
     ResyncCommand,
@@ -818,6 +821,55 @@ class Controller:
             loc.applied_seq = max(loc.applied_seq, last - 1)
             loc.known_seq = max(loc.known_seq, last)
             self._drain(worker, loc)
+
+    async def recode(
+        self,
+        action: Literal["compress", "decompress"],
+        instance_id: str,
+        method: str,
+        location: str,
+        tokens: list[int] | None = None,
+    ) -> RecodeResponse:
+        """Re-encode ``location`` on every rank of an instance (``/compress``, ``/decompress``).
+
+        Keys and token counts stay, so the index is left as it is. A worker names the codecs
+        it has when ``method`` is not one of them.
+        """
+        ranks = self._ranks(instance_id)
+        available = self.instance_locations(instance_id)
+        if location not in available:
+            raise UnknownLocationError(location, available)
+        event_id = self.events.start(action)
+        command = RecodeCommand(action=action, method=method, location=location, tokens=tokens)
+        try:
+            replies, errors = await self._fan_out(ranks, command, event_id)
+            if errors:
+                raise WorkerUnavailableError(
+                    f"{action} of '{location}' on instance '{instance_id}' failed: "
+                    + "; ".join(str(errors[r]) for r in sorted(errors))
+                )
+            for rank, reply in sorted(replies.items()):
+                if reply.ok:
+                    continue
+                if reply.error_kind == "unknown_location":
+                    raise UnknownLocationError(location, reply.available_locations or [])
+                if reply.error_kind == "unknown_codec":
+                    raise UnknownCodecError(method, reply.available_codecs or [])
+                if reply.error_kind == "unsupported":
+                    raise CodecError(f"worker {instance_id}/{rank}: {reply.error}")
+                raise BadWorkerReplyError(
+                    f"worker {instance_id}/{rank} could not {action} '{location}': {reply.error}"
+                )
+        except LMCacheError as exc:
+            self.events.finish(event_id, ok=False, detail=str(exc))
+            raise
+        self.events.finish(event_id)
+        per_rank = {rank: int(reply.num_tokens or 0) for rank, reply in sorted(replies.items())}
+        return RecodeResponse(
+            event_id=event_id,
+            num_tokens=sum(per_rank.values()),
+            num_tokens_per_worker=per_rank if len(set(per_rank.values())) > 1 else None,
+        )
 
     async def health(self, instance_id: str) -> HealthResponse:
         """Ping every rank of an instance."""

@@ -14,7 +14,8 @@ chunk's tokens (a 1-D tensor is one channel). Per channel ``c``:
     |x' - x| <= scale_c / 2 * (1 + 2**-16) + ulp(x') / 2
 
 ``scale_c / 2`` is the rounding to the 8-bit grid, ``2**-16`` covers float32 arithmetic and
-``ulp(x') / 2`` the final rounding to the chunk's dtype (bfloat16: at most 2**-8 of ``x'``).
+``ulp(x') / 2`` the final rounding to the chunk's dtype (``ulp``: the wider of the dtype's two
+spacings around ``x'``; bfloat16: at most 2**-7 of ``x'``, so half of it 2**-8).
 Relative to the channel's largest magnitude ``m``, that is at most ``m / 254 + m * 2**-8`` in
 bfloat16 (0.79%), ``m / 254 + m * 2**-11`` in float16, about ``m / 254`` in float32. A channel
 of zeros comes back exactly. Non-finite values (inf, NaN) cannot be quantised: encoding them
@@ -76,8 +77,10 @@ def int8_error_bound(original: torch.Tensor, decoded: torch.Tensor) -> torch.Ten
     x = original.detach().to("cpu", torch.float64).reshape(lead, rows, channels)
     scale = x.abs().amax(dim=1, keepdim=True) / QMAX if x.numel() else torch.zeros(lead, 1, channels)
     d = decoded.detach().cpu()
-    # the spacing of the dtype's values around x' (for x' = 0 the smallest step, which is 0-ish)
-    ulp = (torch.nextafter(d, torch.full_like(d, math.inf)) - d).to(torch.float64).abs()
+    # the wider of the dtype's two spacings around x' (they differ at a power of two)
+    up = (torch.nextafter(d, torch.full_like(d, math.inf)) - d).to(torch.float64).abs()
+    down = (d - torch.nextafter(d, torch.full_like(d, -math.inf))).to(torch.float64).abs()
+    ulp = torch.maximum(up, down)
     bound = scale * 0.5 * (1 + 2**-16) + ulp.reshape(lead, rows, channels) / 2
     return bound.reshape(original.shape)
 
