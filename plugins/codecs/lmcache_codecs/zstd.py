@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import torch
 import zstandard
 
@@ -37,20 +38,20 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def _raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+def _raw_bytes(tensor: torch.Tensor) -> np.ndarray:
     t = tensor.detach()
     if t.device.type != "cpu" or not t.is_contiguous():
         t = t.contiguous().cpu()
-    return t.reshape(-1).view(torch.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def encode(tensor: torch.Tensor) -> torch.Tensor:
     """The chunk's bytes in byte planes, compressed: a 1-D uint8 payload."""
     raw = _raw_bytes(tensor)
     width = tensor.element_size()
-    if width > 1:
-        raw = raw.view(-1, width).t().contiguous().reshape(-1)
-    compressed = _compressor().compress(payload_bytes(raw))
+    if width > 1:  # numpy's strided copy is several times faster than torch's for uint8
+        raw = np.ascontiguousarray(raw.reshape(-1, width).T)
+    compressed = _compressor().compress(raw)
     return torch.frombuffer(bytearray(compressed), dtype=torch.uint8)
 
 
@@ -58,8 +59,8 @@ def decode(payload: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) ->
     """The tensor ``encode`` compressed, bit for bit."""
     width = dtype.itemsize
     nbytes = math.prod(shape) * width
-    planes = torch.empty(nbytes, dtype=torch.uint8)
-    target = payload_bytes(planes)
+    planes = np.empty(nbytes, dtype=np.uint8)
+    target = memoryview(planes)
     try:
         with _decompressor().stream_reader(payload_bytes(payload)) as reader:
             filled = 0
@@ -73,8 +74,16 @@ def decode(payload: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) ->
         raise CodecError(f"zstd payload does not decompress: {exc}") from exc
     if filled != nbytes or extra:
         raise CodecError(f"zstd payload holds {'more' if extra else filled} bytes, expected {nbytes}")
-    raw = planes.view(width, -1).t().contiguous() if width > 1 and nbytes else planes
-    return raw.reshape(-1).view(dtype).reshape(shape)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if width > 1:
+        by_plane = planes.reshape(width, -1)
+        raw = np.empty((by_plane.shape[1], width), dtype=np.uint8)
+        for i in range(width):  # one plane at a time: faster than a transposed copy
+            raw[:, i] = by_plane[i]
+    else:
+        raw = planes
+    return torch.from_numpy(raw).reshape(-1).view(dtype).reshape(shape)
 
 
 ZSTD = CodecSpec(
