@@ -11,12 +11,12 @@ Codecs come from plugins through the ``lmcache_chunk_codecs`` hook; the core res
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from lmcache_core.errors import LMCacheError
+from lmcache_core.errors import LMCacheError, UnknownNameError
 
 #: turns a chunk's tensor (any device, any strides) into a 1-D uint8 CPU payload
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -28,17 +28,11 @@ class CodecError(LMCacheError):
     """A codec cannot encode or decode a chunk (unsupported dtype, corrupt payload...)."""
 
 
-class UnknownCodecError(CodecError, KeyError):
+class UnknownCodecError(CodecError, UnknownNameError):
     """A codec name that no loaded plugin registers."""
 
-    def __init__(self, name: str, available: Iterable[str]) -> None:
-        self.name = name
-        self.available = sorted(available)
-        listed = ", ".join(self.available) if self.available else "(none installed)"
-        super().__init__(f"unknown codec '{name}'; available: {listed}")
-
-    def __str__(self) -> str:  # KeyError would quote the message otherwise
-        return str(self.args[0])
+    what = "codec"
+    none = "(none installed)"
 
 
 @dataclass(frozen=True)

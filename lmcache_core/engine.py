@@ -345,7 +345,8 @@ class CacheEngine:
 
         While held, the chunks cannot be evicted and their memory is not reused, even if a
         ``clear`` or ``remove`` drops them meanwhile (that still counts and announces them as
-        removed). A hit in a slower tier is promoted, as ``retrieve`` does.
+        removed). A hit in a slower tier is promoted, as ``retrieve`` does. An encoded chunk is
+        decoded now: the hold keeps the decoded tensor (the backend's copy is not held).
         """
         held: list[tuple[ChunkSpan, ChunkView]] = []
         locations: list[str] = []
