@@ -57,7 +57,9 @@ def encode(tensor: torch.Tensor) -> torch.Tensor:
     scale = amax / QMAX
     inverse = torch.where(amax > 0, QMAX / amax, 0.0)
     # |x * inverse| <= 127 * (1 + 2**-22): it rounds into [-127, 127], no clamp needed
-    y = torch.mul(x, inverse)  # one pass, computed in float32 (float64 for float64 chunks)
+    # widen into a copy of our own (never the caller's tensor), then scale it in place: faster
+    # on CPU than one mixed-dtype multiply
+    y = x.to(torch.promote_types(x.dtype, torch.float32), copy=True).mul_(inverse)
     q = y.round_().to(torch.int8)
     return torch.cat([scale.reshape(-1).view(torch.uint8), q.reshape(-1).view(torch.uint8)])
 
@@ -71,7 +73,7 @@ def decode(payload: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) ->
         raise CodecError(f"int8 payload has {payload.numel()} bytes, a {shape} chunk needs {expected}")
     scale = payload[:n_scales].clone().view(torch.float32).reshape(lead, 1, channels)
     q = payload[n_scales:].view(torch.int8).reshape(lead, rows, channels)
-    return (q.to(torch.float32) * scale).to(dtype).reshape(shape)
+    return q.to(torch.float32).mul_(scale).to(dtype).reshape(shape)
 
 
 def int8_error_bound(original: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,9 @@ def test_zstd_refuses_a_damaged_payload():
 @pytest.mark.parametrize("shape", [(2, 16, 96), (4, 7), (33,), (2, 3, 5, 8)], ids=str)
 def test_int8_keeps_every_element_within_the_stated_bound(dtype, shape):
     x = kv_like(shape, dtype, seed=len(shape))
+    kept = x.clone()
     payload, encoding = encode_chunk(INT8, x)
+    assert torch.equal(x, kept)  # the caller's tensor is never written
     y = decode_chunk(INT8, payload, encoding)
     assert y.dtype == dtype and y.shape == x.shape
     error = (y.double() - x.double()).abs()
