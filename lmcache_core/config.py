@@ -177,6 +177,12 @@ class LMCacheSettings(BaseSettings):
         "", description="Salt mixed into every chunk hash, isolating tenants that share storage."
     )
     transport: str = Field("nats", description="Message-bus transport plugin used by workers.")
+    store_codecs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per location, the chunk codec chunks are encoded with when stored there "
+        "(e.g. {LocalCPUBackend: zstd}); a location not named stores chunks as they are. "
+        "Codecs come from plugins ('lmcache plugins' lists them).",
+    )
     worker_heartbeat_interval: float = Field(
         1.0, gt=0, description="Seconds between a worker's heartbeats."
     )

@@ -5,6 +5,11 @@ Locations come from backend plugins, fastest tier first (``LocalCPUBackend`` in 
 without blocking the caller; a retrieve that misses the fast tier but hits a slower one promotes
 the chunk. Every change at every location is announced to subscribers (``subscribe``), which is
 how the controller worker keeps the controller's index current.
+
+Codecs (``lmcache_core.codecs``, registered by plugins) are applied here, between the caller and
+the backends: a location named in ``store_codecs`` receives chunks encoded, ``compress`` and
+``decompress`` re-encode what a location holds in place, and every read decodes, so callers
+always get the chunk's tensor as it was stored (bit for bit through a lossless codec).
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 import torch
 
+from lmcache_core.codecs import ChunkEncoding, CodecError, CodecSpec, UnknownCodecError, decode_chunk, encode_chunk
 from lmcache_core.config import LMCacheSettings
-from lmcache_core.errors import BackendError, UnknownLocationError
+from lmcache_core.errors import BackendError, ConfigError, UnknownLocationError
 from lmcache_core.events import EventBus, Subscriber
 from lmcache_core.keys import ChunkKey, ChunkSpan, KeyMaker, TokenHasher, TokenSequence
-from lmcache_core.plugins import backend_specs, get_plugin_manager
+from lmcache_core.plugins import backend_specs, codec_specs, get_plugin_manager
 from lmcache_core.storage import ChunkView, StorageBackend
 
 if TYPE_CHECKING:
@@ -91,12 +97,16 @@ class CacheEngine:
         self.backends: dict[str, StorageBackend] = {}
         self._worker: WorkerHandle | None = None
         self._tiers: list[StorageBackend] = []
+        self.codecs: dict[str, CodecSpec] = codec_specs(self.pm)
+        #: per location, the codec its chunks are stored with (``store_codecs``)
+        self._store_codecs: dict[str, CodecSpec] = {}
         try:
             for location, spec in backend_specs(self.pm).items():
                 if spec.enabled(settings):
                     sink = self.events.sink(location, self.owns)
                     self.backends[location] = spec.factory(settings, sink)
             self._tiers = list(self.backends.values())
+            self._store_codecs = self._resolve_store_codecs(settings.store_codecs)
             if start_worker if start_worker is not None else settings.enable_controller:
                 from lmcache_core.worker import start_worker as start
 
@@ -130,6 +140,29 @@ class CacheEngine:
             return self.backends[location]
         except KeyError:
             raise UnknownLocationError(location, self.locations) from None
+
+    def codec(self, name: str) -> CodecSpec:
+        """The codec registered as ``name``; ``UnknownCodecError`` lists the installed ones."""
+        try:
+            return self.codecs[name]
+        except KeyError:
+            raise UnknownCodecError(name, list(self.codecs)) from None
+
+    def _resolve_store_codecs(self, wanted: dict[str, str]) -> dict[str, CodecSpec]:
+        resolved = {}
+        for location, name in wanted.items():
+            if location not in self.backends:
+                raise ConfigError(
+                    f"store_codecs names location '{location}', which is not enabled; "
+                    f"enabled: {', '.join(self.locations) or '(none)'}"
+                )
+            if not self.backends[location].stores_encoded:
+                raise ConfigError(f"store_codecs: location '{location}' cannot store encoded chunks")
+            try:
+                resolved[location] = self.codec(name)
+            except UnknownCodecError as exc:
+                raise ConfigError(f"store_codecs for '{location}': {exc}") from None
+        return resolved
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Receive every admit/evict/clear at every location, in order; returns an unsubscriber."""
@@ -187,16 +220,45 @@ class CacheEngine:
         for backend in targets:
             try:
                 if not backend.writes_behind:
-                    backend.put(key, data, num_tokens)
+                    payload, encoding = self._form_for(backend, data, None)
+                    _put(backend, key, payload, num_tokens, encoding)
                     continue
                 view = self._resident_view(key)
-                if view is not None:  # held until the slow tier has written it
-                    backend.put(key, view.tensor, num_tokens, on_done=view.release)
-                else:  # no resident copy: the caller may reuse its memory, so give a copy
-                    copy = data.clone(memory_format=torch.contiguous_format)
-                    backend.put(key, copy, num_tokens)
-            except BackendError as exc:
+                if view is not None:
+                    try:
+                        payload, encoding = self._form_for(backend, view.tensor, view.encoding)
+                    except BaseException:
+                        view.release()
+                        raise
+                    if payload is view.tensor:  # held until the slow tier has written it
+                        _put(backend, key, payload, num_tokens, encoding, on_done=view.release)
+                        continue
+                    view.release()  # the payload is a fresh tensor of its own
+                else:
+                    payload, encoding = self._form_for(backend, data, None)
+                    if payload is data:  # the caller may reuse its memory, so give a copy
+                        payload = data.clone(memory_format=torch.contiguous_format)
+                _put(backend, key, payload, num_tokens, encoding)
+            except (BackendError, CodecError) as exc:
                 log.warning("storing a chunk at %s failed: %s", backend.location, exc)
+
+    def _form_for(
+        self, backend: StorageBackend, tensor: torch.Tensor, encoding: ChunkEncoding | None
+    ) -> tuple[torch.Tensor, ChunkEncoding | None]:
+        """The form a chunk is stored in at ``backend``: its ``store_codecs`` codec when it has
+        one, else the form it comes in (decoded for a backend that keeps no encodings)."""
+        want = self._store_codecs.get(backend.location)
+        if want is not None:
+            if encoding is not None and encoding.codec == want.name:
+                return tensor, encoding
+            raw = tensor if encoding is None else self._decode(tensor, encoding)
+            return _encoded_if_smaller(want, raw)
+        if encoding is None or backend.stores_encoded:
+            return tensor, encoding
+        return self._decode(tensor, encoding), None
+
+    def _decode(self, payload: torch.Tensor, encoding: ChunkEncoding) -> torch.Tensor:
+        return decode_chunk(self.codec(encoding.codec), payload, encoding)
 
     def _resident_view(self, key: ChunkKey) -> ChunkView | None:
         for backend in self._tiers:
@@ -246,6 +308,15 @@ class CacheEngine:
                 except BaseException:
                     view.release()
                     raise
+            if view.encoding is not None:
+                try:
+                    with view:
+                        view = ChunkView(self._decode(view.tensor, view.encoding), view.num_tokens)
+                except CodecError as exc:
+                    log.warning(
+                        "a chunk at %s cannot be decoded: %s", self._tiers[tier].location, exc
+                    )
+                    return
             yield span, view, tier
 
     def _find(self, key: ChunkKey) -> tuple[ChunkView | None, int]:
@@ -263,8 +334,9 @@ class CacheEngine:
         for backend in self._tiers[:found_tier]:
             if not backend.writes_behind:
                 try:
-                    backend.put(key, view.tensor, view.num_tokens)
-                except BackendError as exc:
+                    payload, encoding = self._form_for(backend, view.tensor, view.encoding)
+                    _put(backend, key, payload, view.num_tokens, encoding)
+                except (BackendError, CodecError) as exc:
                     log.warning("promoting a chunk into %s failed: %s", backend.location, exc)
                 return
 
@@ -273,7 +345,8 @@ class CacheEngine:
 
         While held, the chunks cannot be evicted and their memory is not reused, even if a
         ``clear`` or ``remove`` drops them meanwhile (that still counts and announces them as
-        removed). A hit in a slower tier is promoted, as ``retrieve`` does.
+        removed). A hit in a slower tier is promoted, as ``retrieve`` does. An encoded chunk is
+        decoded now: the hold keeps the decoded tensor (the backend's copy is not held).
         """
         held: list[tuple[ChunkSpan, ChunkView]] = []
         locations: list[str] = []
@@ -376,6 +449,71 @@ class CacheEngine:
                     src.remove(key)
         return moved
 
+    # --- re-encoding in place ----------------------------------------------------------------
+    def compress(self, location: str, method: str, tokens: TokenSequence | None = None) -> int:
+        """Re-encode the chunks at ``location`` (only those of ``tokens`` when given) with codec
+        ``method``, in place; returns the tokens of the chunks re-encoded.
+
+        Chunks already in ``method``, chunks it cannot encode (a dtype it does not accept, a
+        value it cannot represent) and chunks it would not make smaller are left as they are. Keys, token counts and pins stay, so ``lookup`` (and the controller's index)
+        answer as before; reads decode transparently.
+        """
+        spec = self.codec(method)
+
+        def compressed(payload: torch.Tensor, encoding: ChunkEncoding | None) -> _Recoded | None:
+            if encoding is not None and encoding.codec == spec.name:
+                return None
+            raw = payload if encoding is None else self._decode(payload, encoding)
+            if not spec.supports(raw.dtype):
+                log.warning("compress %s: leaves a %s chunk as it is", spec.name, raw.dtype)
+                return None
+            try:
+                new = _encoded_if_smaller(spec, raw)
+            except CodecError as exc:  # e.g. int8 given inf: this chunk stays as it is
+                log.warning("compress %s: leaves a chunk as it is: %s", spec.name, exc)
+                return None
+            return new if new[1] is not None else None
+
+        return self._recode(location, tokens, compressed)
+
+    def decompress(self, location: str, method: str, tokens: TokenSequence | None = None) -> int:
+        """Store the chunks at ``location`` that codec ``method`` encoded as they are again (only
+        those of ``tokens`` when given); returns their tokens. A lossy codec's loss stays."""
+        spec = self.codec(method)
+
+        def decompressed(payload: torch.Tensor, encoding: ChunkEncoding | None) -> _Recoded | None:
+            if encoding is None or encoding.codec != spec.name:
+                return None
+            return decode_chunk(spec, payload, encoding), None
+
+        return self._recode(location, tokens, decompressed)
+
+    def _recode(
+        self,
+        location: str,
+        tokens: TokenSequence | None,
+        recode: Callable[[torch.Tensor, ChunkEncoding | None], "_Recoded | None"],
+    ) -> int:
+        """Replace each chunk at ``location`` by ``recode(payload, encoding)`` (None: keep it)."""
+        backend = self.backend(location)
+        if not backend.stores_encoded:
+            raise CodecError(f"location '{location}' cannot store encoded chunks")
+        backend.flush()  # queued writes land first, so they are re-encoded too
+        if tokens is None:
+            chunks = self.inventory_at(location)
+        else:
+            chunks = [(self.keys.key(s.chunk_hash), s.num_tokens) for s in self.hasher.spans(tokens)]
+        done = 0
+        for key, num_tokens in chunks:
+            view = backend.get(key)
+            if view is None:
+                continue
+            with view:
+                new = recode(view.tensor, view.encoding)
+            if new is not None and backend.replace(key, new[0], new[1]):
+                done += num_tokens
+        return done
+
     def clear(self, location: str | None = None) -> int:
         """Empty one location (or all when None); returns the tokens removed (summed per location)."""
         if location is not None:
@@ -417,3 +555,30 @@ class CacheEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: a chunk's new form: a payload and its encoding, or the raw tensor and None
+_Recoded = tuple[torch.Tensor, ChunkEncoding | None]
+
+
+def _encoded_if_smaller(spec: CodecSpec, raw: torch.Tensor) -> _Recoded:
+    """``raw`` encoded with ``spec``, or ``raw`` itself (and None) when that saves no bytes."""
+    payload, encoding = encode_chunk(spec, raw)
+    if payload.numel() >= raw.numel() * raw.element_size():
+        return raw, None
+    return payload, encoding
+
+
+def _put(
+    backend: StorageBackend,
+    key: ChunkKey,
+    data: torch.Tensor,
+    num_tokens: int,
+    encoding: ChunkEncoding | None,
+    on_done: Callable[[], None] | None = None,
+) -> bool:
+    """``backend.put``, passing ``encoding`` only when there is one (backends that keep no
+    encodings never see the argument)."""
+    if encoding is None:
+        return backend.put(key, data, num_tokens, on_done=on_done)
+    return backend.put(key, data, num_tokens, on_done=on_done, encoding=encoding)  # type: ignore[call-arg]

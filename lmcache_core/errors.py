@@ -6,6 +6,8 @@ boundary and re-raised as one of these with context (``raise BackendError(...) f
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class LMCacheError(Exception):
     """Base class of every error raised by lmcache-core and its plugins."""
@@ -19,17 +21,29 @@ class PluginError(LMCacheError):
     """A plugin is broken or two plugins conflict (for example, both claim one location name)."""
 
 
-class UnknownLocationError(LMCacheError, KeyError):
-    """A location name that no loaded backend plugin provides."""
+class UnknownNameError(LMCacheError, KeyError):
+    """A name (of a location, a codec ...) that nothing loaded provides; the message lists
+    what is available."""
 
-    def __init__(self, name: str, available: list[str] | tuple[str, ...]) -> None:
+    #: what kind of name it is, in the message
+    what = "name"
+    #: what the message lists when nothing is available
+    none = "(none)"
+
+    def __init__(self, name: str, available: Iterable[str]) -> None:
         self.name = name
         self.available = sorted(available)
-        listed = ", ".join(self.available) if self.available else "(none)"
-        super().__init__(f"unknown location '{name}'; available: {listed}")
+        listed = ", ".join(self.available) if self.available else self.none
+        super().__init__(f"unknown {self.what} '{name}'; available: {listed}")
 
     def __str__(self) -> str:  # KeyError would quote the message otherwise
         return str(self.args[0])
+
+
+class UnknownLocationError(UnknownNameError):
+    """A location name that no loaded backend plugin provides."""
+
+    what = "location"
 
 
 class BackendError(LMCacheError):

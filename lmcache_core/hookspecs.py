@@ -13,6 +13,7 @@ import pluggy
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
+    from lmcache_core.codecs import CodecSpec
     from lmcache_core.storage import BackendSpec
     from lmcache_core.transport import TransportSpec
 
@@ -83,4 +84,21 @@ def lmcache_settings_models() -> list[type[BaseModel]]:
         @hookimpl
         def lmcache_settings_models():
             return [NatsSettings]
+    """
+
+
+@hookspec
+def lmcache_chunk_codecs() -> list["CodecSpec"]:
+    """Chunk codecs (named encodings that store a chunk in fewer bytes) this plugin provides.
+
+    Called when an engine starts and whenever a codec is looked up by name. Return one
+    ``CodecSpec`` per codec: its name, ``encode``/``decode`` functions, whether it is lossless
+    and which dtypes it accepts. A name claimed by two plugins is an error naming both; an
+    unknown name (``/compress`` with ``method: "zstdd"``) lists the installed ones.
+
+    Example::
+
+        @hookimpl
+        def lmcache_chunk_codecs():
+            return [CodecSpec("zstd", encode=zstd_encode, decode=zstd_decode, lossless=True)]
     """

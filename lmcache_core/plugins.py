@@ -21,6 +21,7 @@ import pluggy
 from pydantic import BaseModel
 
 from lmcache_core import hookspecs
+from lmcache_core.codecs import CodecSpec, UnknownCodecError
 from lmcache_core.errors import PluginError, UnknownLocationError
 from lmcache_core.storage import BackendSpec
 from lmcache_core.transport import TransportSpec
@@ -126,6 +127,20 @@ def resolve_transport(pm: pluggy.PluginManager, name: str) -> TransportSpec:
     return specs[name]
 
 
+def codec_specs(pm: pluggy.PluginManager) -> dict[str, CodecSpec]:
+    """Every registered chunk codec by name (sorted)."""
+    specs = _unique_by(_collect(pm, "lmcache_chunk_codecs"), "name", "codec")
+    return dict(sorted(specs.items()))
+
+
+def resolve_codec(pm: pluggy.PluginManager, name: str) -> CodecSpec:
+    """The codec registered as ``name``; ``UnknownCodecError`` lists the installed ones."""
+    specs = codec_specs(pm)
+    if name not in specs:
+        raise UnknownCodecError(name, list(specs))
+    return specs[name]
+
+
 def settings_models(pm: pluggy.PluginManager) -> list[tuple[str, type[BaseModel]]]:
     """Every settings model plugins contribute, with the plugin that contributed it."""
     models: list[tuple[str, type[BaseModel]]] = list(_collect(pm, "lmcache_settings_models"))
@@ -153,6 +168,7 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     backends = _collect(pm, "lmcache_storage_backends")
     transports = _collect(pm, "lmcache_transports")
+    codecs = _collect(pm, "lmcache_chunk_codecs")
     out = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         dist = dists.get(id(plugin))
@@ -164,6 +180,7 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
                 "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
                 "locations": sorted(s.location for p, s in backends if p == name),
                 "transports": sorted(s.name for p, s in transports if p == name),
+                "codecs": sorted(s.name for p, s in codecs if p == name),
             }
         )
     return out

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel
 
+from lmcache_core.codecs import ChunkEncoding
 from lmcache_core.events import EventSink
 from lmcache_core.keys import ChunkKey
 
@@ -28,13 +29,22 @@ class ChunkView(AbstractContextManager["ChunkView"]):
 
     ``tensor`` stays valid (the backend neither evicts nor reuses its memory) until
     ``release()`` is called or the ``with`` block ends. Release exactly once.
+
+    ``encoding`` is None for a chunk stored as it is; otherwise ``tensor`` is a codec's payload
+    (1-D ``uint8``) and ``encoding`` says how to decode it. Views the engine hands out
+    (``retrieve``, ``hold``) are always decoded.
     """
 
     def __init__(
-        self, tensor: torch.Tensor, num_tokens: int, release: Callable[[], None] | None = None
+        self,
+        tensor: torch.Tensor,
+        num_tokens: int,
+        release: Callable[[], None] | None = None,
+        encoding: ChunkEncoding | None = None,
     ) -> None:
         self.tensor = tensor
         self.num_tokens = num_tokens
+        self.encoding = encoding
         self._release = release
 
     def release(self) -> None:
@@ -57,6 +67,9 @@ class StorageBackend(abc.ABC):
     location: str
     #: True when ``put`` returns before the data is stored (a background writer stores it)
     writes_behind: bool = False
+    #: True when the backend keeps codec payloads with their ``ChunkEncoding`` (``put``'s
+    #: ``encoding``, ``ChunkView.encoding``, ``replace``); the engine encodes only for these
+    stores_encoded: bool = False
 
     @abc.abstractmethod
     def put(
@@ -76,6 +89,9 @@ class StorageBackend(abc.ABC):
         Returns False when the chunk is not admitted (too large for the capacity, every
         resident chunk pinned, or a full write queue dropped it); storing a key that is
         already present is a no-op that returns True.
+
+        Backends with ``stores_encoded`` also take ``encoding=``: ``data`` is then a codec's
+        payload, kept with its encoding and handed back in ``ChunkView.encoding``.
         """
 
     @abc.abstractmethod
@@ -109,6 +125,17 @@ class StorageBackend(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, Any]:
         """Counters for operators: chunks, tokens, bytes used, capacity bytes, evictions..."""
+
+    def replace(
+        self, key: ChunkKey, data: torch.Tensor, encoding: ChunkEncoding | None
+    ) -> bool:
+        """Store a stored chunk again in another form (a payload of ``encoding``, or raw when
+        None), in place: same key and tokens, pins kept, no admit or evict announced for it.
+
+        False when the chunk is absent (or not yet written) or the new form does not fit.
+        Only backends with ``stores_encoded`` implement it.
+        """
+        raise NotImplementedError(f"{self.location} does not store encoded chunks")
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued writes are stored; True when nothing is left queued."""

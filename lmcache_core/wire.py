@@ -45,8 +45,10 @@ instance publish only its own topics (``worker_topics``: NATS authorization perm
 stops it from speaking for another.
 
 Versions: 5 adds the ``pin``, ``unpin`` and ``move`` commands (``ChunksCommand``: the chunks
-of some tokens, or all, at one location) and the registration's ``ip``, ``port`` and
-``peer_init_url`` (LMCache's worker fields); 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
+of some tokens, or all, at one location), the ``recode`` command (``/compress`` and
+``/decompress``: re-encode one location's chunks in place) with the reply kinds
+``unknown_codec`` (with ``available_codecs``) and ``unsupported``, and the registration's
+``ip``, ``port`` and ``peer_init_url`` (LMCache's worker fields); 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
 ``not_retained`` and ``expired``; 3 puts the instance and rank into the registration topic (``register.<inst>.<w>``,
 was ``register``), so bus permissions tell one instance's registrations from another's; 2
 escapes instance ids in topics byte by byte (``a.b`` -> ``a%2Eb``), so distinct ids never share
@@ -322,8 +324,20 @@ class ChunksCommand(WireModel):
     should_copy: bool = Field(False, description="move: leave the chunks at location too.")
 
 
+class RecodeCommand(WireModel):
+    """Re-encode the chunks at one location in place: ``compress`` with codec ``method``, or
+    ``decompress`` what ``method`` encoded; only the chunks of ``tokens`` when given. The reply's
+    ``num_tokens`` counts the tokens of the chunks changed."""
+
+    op: Literal["recode"] = "recode"
+    action: Literal["compress", "decompress"]
+    method: str
+    location: str
+    tokens: list[int] | None = None
+
+
 Command = Annotated[
-    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand, ChunksCommand],
+    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand, ChunksCommand, RecodeCommand],
     Field(discriminator="op"),
 ]
 
@@ -341,7 +355,8 @@ class CommandRequest(WireModel):
 class CommandReply(WireModel):
     """A worker's answer. ``error_kind`` is machine-readable: 'unknown_location', 'bad_request',
     'not_retained' (a replay of batches no longer kept), 'expired' (read after its deadline, not
-    carried out), 'internal'; ``error`` is the human message."""
+    carried out), 'unknown_codec' (with ``available_codecs``), 'unsupported' (a codec cannot do
+    what was asked there), 'internal'; ``error`` is the human message."""
 
     ok: bool
     instance_id: str
@@ -350,7 +365,12 @@ class CommandReply(WireModel):
     error: str | None = None
     error_kind: str | None = None
     available_locations: list[str] | None = None
-    num_tokens: int | None = Field(None, description="clear: tokens removed; lookup: prefix tokens; pin, unpin, move: tokens of the chunks acted on.")
+    available_codecs: list[str] | None = None
+    num_tokens: int | None = Field(
+        None,
+        description="clear: tokens removed; lookup: prefix tokens; pin, unpin, move: tokens of the "
+        "chunks acted on; recode: tokens re-encoded.",
+    )
     location: str | None = Field(None, description="lookup: the location holding most of the prefix.")
     last_seq: dict[str, int] | None = Field(
         None,

@@ -11,9 +11,9 @@ portal) whose task group owns every task. The worker
 * heartbeats with the last batch number and chunk count per location;
 * retains its recent batches (``worker_replay_batches`` / ``worker_replay_bytes``) and publishes
   a range again on a ``replay`` command ('not_retained' when it is gone: the controller resyncs);
-* answers ``clear``, ``lookup``, ``resync``, ``replay``, ``ping``, ``pin``, ``unpin`` and
-  ``move`` commands on its command topic, and carries none out after its deadline (it answers
-  'expired' and logs it);
+* answers ``clear``, ``lookup``, ``resync``, ``replay``, ``ping``, ``pin``, ``unpin``,
+  ``move`` and ``recode`` commands on its command topic, and carries none out after its
+  deadline (it answers 'expired' and logs it);
 * re-registers and resyncs when a controller says hello (to every worker, or to this run on
   its own hello topic) and after a transport reconnect;
 * says goodbye when it stops cleanly, so the controller drops its entries at once.
@@ -44,6 +44,7 @@ from anyio.abc import TaskGroup
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from pydantic import ValidationError
 
+from lmcache_core.codecs import CodecError, UnknownCodecError
 from lmcache_core.errors import LMCacheError, NoResponders, RequestTimeout, UnknownLocationError
 from lmcache_core.events import EventKind, KVEvent
 from lmcache_core.keys import HASH_SCHEME
@@ -54,6 +55,7 @@ from lmcache_core.wire import (
     PROTOCOL_VERSION,
     ChunksCommand,
     ClearCommand,
+    RecodeCommand,
     CommandReply,
     CommandRequest,
     EventBatch,
@@ -636,6 +638,8 @@ class WorkerHandle:
                 return self._reply(ok=True, last_seq=await self._resync(command.locations))
             if isinstance(command, ReplayCommand):
                 return await self._replay(command)
+            if isinstance(command, RecodeCommand):
+                return await self._recode(command)
             if isinstance(command, PingCommand):
                 return self._reply(
                     ok=True, registration=self.registration(), last_seq=dict(self._seq)
@@ -652,6 +656,12 @@ class WorkerHandle:
                 error=str(exc),
                 available_locations=list(self.engine.locations),
             )
+        except UnknownCodecError as exc:
+            return self._reply(
+                ok=False, error_kind="unknown_codec", error=str(exc), available_codecs=exc.available
+            )
+        except CodecError as exc:
+            return self._reply(ok=False, error_kind="unsupported", error=str(exc))
         except (LMCacheError, ValueError) as exc:
             return self._reply(ok=False, error_kind="internal", error=str(exc))
         except Exception as exc:  # a command must never crash the worker
@@ -709,6 +719,15 @@ class WorkerHandle:
                 pass
             last = {name: self._seq.get(name, 0) for name in touched}
         return self._reply(ok=True, num_tokens=acted, location=command.location, last_seq=last)
+
+    async def _recode(self, command: RecodeCommand) -> CommandReply:
+        """Re-encode one location's chunks in place; no event changes (keys and tokens stay)."""
+        self.engine.backend(command.location)  # UnknownLocationError before any work
+        recode = self.engine.compress if command.action == "compress" else self.engine.decompress
+        done = await anyio.to_thread.run_sync(
+            recode, command.location, command.method, command.tokens, abandon_on_cancel=True
+        )
+        return self._reply(ok=True, num_tokens=done, location=command.location)
 
     async def _lookup(self, tokens: list[int]) -> CommandReply:
         found, location = await anyio.to_thread.run_sync(

@@ -1,4 +1,5 @@
-"""``/pin``, ``/unpin`` and ``/move``: commands on the chunks at one location of an instance.
+"""``/pin``, ``/unpin``, ``/move``, ``/compress`` and ``/decompress``: commands on the chunks at
+one location of an instance.
 
 ``ChunkCommands`` is mixed into ``Controller`` (``state.py``): each operation validates the
 instance and location names against what the workers registered, sends one ``ChunksCommand``
@@ -14,13 +15,13 @@ place, ``_move_between_instances``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 
 from lmcache_core.controller.errors import BadOperationError, NeedsPeerToPeerError
-from lmcache_core.controller.models import ChunksResponse
-from lmcache_core.wire import ChunksCommand, CommandReply
+from lmcache_core.controller.models import ChunksResponse, RecodeResponse
+from lmcache_core.wire import ChunksCommand, CommandReply, RecodeCommand
 
 if TYPE_CHECKING:
     from lmcache_core.controller.state import Controller
@@ -30,7 +31,7 @@ Position = tuple[str, str]
 
 
 class ChunkCommands:
-    """Pin, unpin and move, as methods of ``Controller``."""
+    """Pin, unpin, move and re-encode (compress, decompress), as methods of ``Controller``."""
 
     async def pin(self: Controller, instance_id: str, location: str, tokens: Sequence[int]) -> ChunksResponse:
         """Protect the chunks of ``tokens`` at ``location`` from eviction on every rank."""
@@ -41,6 +42,22 @@ class ChunkCommands:
         """Make the chunks of ``tokens`` at ``location`` evictable again on every rank."""
         command = ChunksCommand(op="unpin", location=location, tokens=list(tokens))
         return ChunksResponse(**await self.command_instance(instance_id, command, [location]))
+
+    async def recode(
+        self: Controller,
+        action: Literal["compress", "decompress"],
+        instance_id: str,
+        method: str,
+        location: str,
+        tokens: Sequence[int] | None = None,
+    ) -> RecodeResponse:
+        """Re-encode ``location`` on every rank of an instance (``/compress``, ``/decompress``).
+        Keys and token counts stay, so the index is left as it is; a worker names the codecs it
+        has when ``method`` is not one of them (400)."""
+        command = RecodeCommand(
+            action=action, method=method, location=location, tokens=list(tokens) if tokens is not None else None
+        )
+        return RecodeResponse(**await self.command_instance(instance_id, command, [location], kind=action))
 
     async def move(
         self: Controller, old: Position, new: Position, tokens: Sequence[int] | None = None,

@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 from pydantic import ValidationError
 
+from lmcache_core.codecs import CodecError, UnknownCodecError
 from lmcache_core.controller.base import ControllerBase
 from lmcache_core.controller.errors import BadWorkerReplyError, WorkerUnavailableError
 from lmcache_core.controller.models import CheckFinishResponse, ClearResponse, HealthResponse
@@ -104,15 +105,19 @@ class Commands(ControllerBase):
     async def command_instance(
         self, instance_id: str, command: Any, locations: list[str],
         after: Callable[[dict[int, CommandReply]], Awaitable[None]] | None = None,
+        kind: str | None = None,
     ) -> dict[str, Any]:
-        """Send ``command`` to every rank of an instance under a ``/check_finish`` id of its
-        ``op``; ``after(replies)`` runs once every rank answered ok. Returns the answer's fields:
-        ``event_id``, ``num_tokens`` summed over ranks, and ``num_tokens_per_worker`` when the
-        ranks differ. ``locations`` must be the instance's (400 listing them otherwise)."""
+        """Send ``command`` to every rank of an instance under a ``/check_finish`` id of
+        ``kind`` (default: its ``op``); ``after(replies)`` runs once every rank answered ok.
+        Returns the answer's fields: ``event_id``, ``num_tokens`` summed over ranks, and
+        ``num_tokens_per_worker`` when the ranks differ. ``locations`` must be the instance's
+        (400 listing them otherwise); a worker's 'unknown_codec' or 'unsupported' answer is a
+        ``CodecError`` (400)."""
         ranks = self._ranks(instance_id)
         self.check_locations(self.instance_locations(instance_id), locations)
-        what = f"{command.op} of '{command.location}' on instance '{instance_id}'"
-        event_id = self.events.start(command.op)
+        kind = kind or command.op
+        what = f"{kind} of '{command.location}' on instance '{instance_id}'"
+        event_id = self.events.start(kind)
         try:
             replies, errors = await self._fan_out(ranks, command, event_id)
             if errors:
@@ -121,6 +126,10 @@ class Commands(ControllerBase):
                 if not reply.ok:
                     if reply.error_kind == "unknown_location":
                         raise UnknownLocationError(command.location, reply.available_locations or [])
+                    if reply.error_kind == "unknown_codec":
+                        raise UnknownCodecError(command.method, reply.available_codecs or [])
+                    if reply.error_kind == "unsupported":
+                        raise CodecError(f"worker {instance_id}/{rank}: {reply.error}")
                     raise BadWorkerReplyError(f"worker {instance_id}/{rank} failed the {what}: {reply.error}")
             if after is not None:
                 await after(replies)

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
+from lmcache_core.codecs import CodecError
 from lmcache_core.errors import (
     LMCacheError,
     NoResponders,
@@ -99,7 +100,7 @@ def http_status(exc: LMCacheError) -> int:
     """The HTTP status an error becomes at the API boundary."""
     if isinstance(exc, (UnknownInstanceError, UnknownWorkerError, UnknownIpError)):
         return 404
-    if isinstance(exc, (UnknownLocationError, BadOperationError)):
+    if isinstance(exc, (UnknownLocationError, BadOperationError, CodecError)):
         return 400
     if isinstance(exc, (TooManyTokensError, RequestTooLargeError)):
         return 413

@@ -73,7 +73,7 @@ class CheckFinishResponse(BaseModel):
     status: Literal["finished", "running", "failed"]
     kind: str = Field(
         description="Which request started the event: lookup, clear, pin, unpin, move, health, "
-        "query_instance, query_worker_info (or the controller's own resync, replay)."
+        "query_instance, query_worker_info, compress, decompress (or the controller's own resync, replay)."
     )
     detail: str | None = None
 
@@ -213,3 +213,22 @@ class KeyStatsResponse(BaseModel):
     total_instance_count: int
     total_worker_count: int
     instances: list[InstanceKeyStats]
+class RecodeRequest(ApiModel):
+    """The body of ``/compress`` and ``/decompress`` (LMCache's fields)."""
+
+    instance_id: InstanceIdField
+    method: str = Field(
+        min_length=1, max_length=MAX_NAME_LENGTH, description="Codec name, e.g. 'zstd' or 'int8'."
+    )
+    location: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, description="e.g. 'LocalCPUBackend'.")
+    tokens: list[TokenId] | None = Field(
+        None, description="Only the chunks of these token ids; omitted: every chunk at the location."
+    )
+
+
+class RecodeResponse(BaseModel):
+    event_id: str
+    num_tokens: int = Field(description="Tokens of the chunks re-encoded, summed over the instance's ranks.")
+    num_tokens_per_worker: dict[int, int] | None = Field(
+        None, description="Tokens re-encoded per rank; present only when the ranks differ."
+    )

@@ -48,6 +48,8 @@ from lmcache_core.controller.models import (
     LookupResponse,
     QueryWorkerInfoRequest,
     QueryWorkerInfoResponse,
+    RecodeRequest,
+    RecodeResponse,
 )
 from lmcache_core.controller.state import Controller
 from lmcache_core.hookspecs import hookimpl
@@ -292,6 +294,26 @@ def build_router() -> APIRouter:
     async def key_stats(controller: Controller = Depends(get_controller)) -> Any:
         """Chunks ("keys") and workers per instance, and their totals."""
         return fleet.key_stats(controller)
+    recode_errors: dict[int | str, dict[str, Any]] = {
+        **_ERRORS,
+        400: {
+            "description": "Unknown location or codec (the detail lists the available ones), "
+            "or a codec that cannot do this at that location."
+        },
+        504: {"description": "A worker did not answer within controller_command_timeout."},
+    }
+
+    @router.post("/compress", response_model=RecodeResponse, response_model_exclude_none=True, responses=recode_errors)
+    async def compress(body: RecodeRequest, controller: Controller = Depends(get_controller)) -> Any:
+        """Re-encode one location's chunks with codec ``method`` on every rank, in place;
+        returns the tokens re-encoded. Reads decode transparently; ``/lookup`` is unchanged."""
+        return await controller.recode("compress", body.instance_id, body.method, body.location, body.tokens)
+
+    @router.post("/decompress", response_model=RecodeResponse, response_model_exclude_none=True, responses=recode_errors)
+    async def decompress(body: RecodeRequest, controller: Controller = Depends(get_controller)) -> Any:
+        """Store the chunks codec ``method`` encoded at one location as they are again, on every
+        rank; returns their tokens (a lossy codec's loss stays)."""
+        return await controller.recode("decompress", body.instance_id, body.method, body.location, body.tokens)
 
     @router.post("/check_finish", response_model=CheckFinishResponse, responses={404: {"description": "Unknown event id."}})
     async def check_finish(body: CheckFinishRequest, controller: Controller = Depends(get_controller)) -> Any:

@@ -35,7 +35,8 @@ def live_controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Contro
 def _operations() -> list[str]:
     return ["POST /lookup", "POST /clear", "POST /check_finish", "POST /health", "GET /instances",
             "POST /query_worker_info", "GET /metrics", "POST /pin", "POST /unpin", "POST /move",
-            "POST /query_instance", "GET /controller/workers", "GET /controller/key-stats"]
+            "POST /query_instance", "GET /controller/workers", "GET /controller/key-stats",
+            "POST /compress", "POST /decompress"]
 
 
 @pytest.mark.timeout(300)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmcache_core.codecs import ChunkEncoding
 from lmcache_core.errors import BackendError
 from lmcache_core.events import EventSink
 from lmcache_core.keys import ChunkKey
@@ -43,9 +44,19 @@ LOCATION = "LocalCPUBackend"
 class _Slot:
     """One chunk's range of the pool and its state (guarded by the backend's lock)."""
 
-    __slots__ = ("key", "offset", "size", "nbytes", "num_tokens", "tensor", "holds", "pinned", "live")
+    __slots__ = (
+        "key", "offset", "size", "nbytes", "num_tokens", "tensor", "holds", "pinned", "live", "encoding"
+    )
 
-    def __init__(self, key: ChunkKey, offset: int, size: int, nbytes: int, num_tokens: int) -> None:
+    def __init__(
+        self,
+        key: ChunkKey,
+        offset: int,
+        size: int,
+        nbytes: int,
+        num_tokens: int,
+        encoding: ChunkEncoding | None = None,
+    ) -> None:
         self.key = key
         self.offset = offset
         self.size = size  # bytes reserved in the pool (aligned)
@@ -55,6 +66,7 @@ class _Slot:
         self.holds = 0  # outstanding ChunkViews
         self.pinned = False
         self.live = True  # False once removed; the range is freed when ``holds`` drops to 0
+        self.encoding = encoding  # how ``tensor`` is encoded (None: the chunk as it is)
 
 
 class LocalCPUBackend(StorageBackend):
@@ -66,6 +78,7 @@ class LocalCPUBackend(StorageBackend):
 
     location = LOCATION
     writes_behind = False
+    stores_encoded = True
 
     def __init__(
         self, capacity_bytes: int, sink: EventSink, *, pin_memory: bool | None = None
@@ -115,10 +128,15 @@ class LocalCPUBackend(StorageBackend):
         data: torch.Tensor,
         num_tokens: int,
         on_done: Callable[[], None] | None = None,
+        encoding: ChunkEncoding | None = None,
     ) -> bool:
-        """Copy ``data`` into the pool as ``key``; False when it cannot fit (nothing changes then)."""
+        """Copy ``data`` into the pool as ``key``; False when it cannot fit (nothing changes then).
+
+        With ``encoding``, ``data`` is a codec's payload: its bytes are what the pool holds and
+        what counts against the capacity.
+        """
         try:
-            return self._put(key, data, num_tokens)
+            return self._put(key, data, num_tokens, encoding)
         finally:
             if on_done is not None:
                 on_done()
@@ -132,13 +150,12 @@ class LocalCPUBackend(StorageBackend):
                 self._misses += 1
                 return None
             self._hits += 1
-            if slot.holds == 0 and not slot.pinned:
-                del self._lru[key]
-                self._fixed.add(slot)
-            slot.holds += 1
+            self._hold(slot)
             tensor = slot.tensor
         assert tensor is not None  # published slots always carry their tensor
-        return ChunkView(tensor, slot.num_tokens, release=lambda: self._release(slot))
+        return ChunkView(
+            tensor, slot.num_tokens, release=lambda: self._release(slot), encoding=slot.encoding
+        )
 
     def contains(self, key: ChunkKey) -> bool:
         with self._lock:
@@ -222,7 +239,9 @@ class LocalCPUBackend(StorageBackend):
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _put(self, key: ChunkKey, data: torch.Tensor, num_tokens: int) -> bool:
+    def _put(
+        self, key: ChunkKey, data: torch.Tensor, num_tokens: int, encoding: ChunkEncoding | None
+    ) -> bool:
         nbytes = data.numel() * data.element_size()
         with self._lock:
             self._check_open()
@@ -233,18 +252,7 @@ class LocalCPUBackend(StorageBackend):
                 self._rejected += 1
                 return False
             pool = self._pool
-        try:
-            view = pool[slot.offset : slot.offset + nbytes].view(data.dtype).view(data.shape)
-            # the one copy of a store; copy_ reads any strides, so no .contiguous() clone first
-            with torch.no_grad():
-                view.copy_(data)
-        except Exception as exc:  # any failure must give the reserved range back
-            with self._lock:
-                self._unreserve(slot)
-            raise BackendError(
-                f"{LOCATION}: cannot store {key.to_string()} "
-                f"({data.dtype}, shape {tuple(data.shape)}): {exc}"
-            ) from exc
+        view = self._copy_in(pool, slot, data, encoding)
         with self._lock:
             if self._closed:
                 return False
@@ -255,6 +263,70 @@ class LocalCPUBackend(StorageBackend):
             self._lru[key] = slot
             self._tokens += num_tokens
             self._sink.admitted(key, num_tokens)
+        return True
+
+    def _copy_in(
+        self, pool: torch.Tensor, slot: _Slot, data: torch.Tensor, encoding: ChunkEncoding | None
+    ) -> torch.Tensor:
+        """Copy ``data`` into a reserved range (outside the lock); the range's typed view."""
+        try:
+            view = pool[slot.offset : slot.offset + slot.nbytes].view(data.dtype).view(data.shape)
+            # the one copy of a store; copy_ reads any strides, so no .contiguous() clone first
+            with torch.no_grad():
+                view.copy_(data)
+        except Exception as exc:  # any failure must give the reserved range back
+            with self._lock:
+                self._unreserve(slot)
+            raise BackendError(
+                f"{LOCATION}: cannot store {slot.key.to_string()} "
+                f"({data.dtype}, shape {tuple(data.shape)}): {exc}"
+            ) from exc
+        slot.encoding = encoding
+        return view
+
+    def replace(
+        self, key: ChunkKey, data: torch.Tensor, encoding: ChunkEncoding | None
+    ) -> bool:
+        """Store a chunk again in another form (see ``StorageBackend.replace``).
+
+        The new form gets its own range (evicting others if needed); the old range is freed
+        once no view reads it any more. The chunk becomes the most recently used one.
+        """
+        nbytes = data.numel() * data.element_size()
+        with self._lock:
+            self._check_open()
+            old = self._chunks.get(key)
+            if old is None or key in self._pending:
+                return False
+            self._hold(old)  # so that making room for the new form never evicts the old one
+            slot = self._reserve(key, nbytes, old.num_tokens)
+            if slot is None:
+                self._release_locked(old)
+                return False
+            pool = self._pool
+        try:
+            view = self._copy_in(pool, slot, data, encoding)
+        except BaseException:
+            with self._lock:
+                self._release_locked(old)
+            raise
+        with self._lock:
+            if self._closed:
+                return False
+            del self._pending[key]
+            if self._chunks.get(key) is not old:  # removed or cleared meanwhile
+                self._fixed.remove(slot)
+                self._free(slot)
+                self._release_locked(old)
+                return False
+            slot.tensor = view
+            slot.pinned = old.pinned
+            self._chunks[key] = slot
+            if not slot.pinned:
+                self._make_evictable(slot)
+            old.live = False
+            old.pinned = False
+            self._release_locked(old)
         return True
 
     def _reserve(self, key: ChunkKey, nbytes: int, num_tokens: int) -> _Slot | None:
@@ -311,17 +383,27 @@ class LocalCPUBackend(StorageBackend):
                 self._fixed.remove(slot)  # it was pinned
             self._free(slot)
 
+    def _hold(self, slot: _Slot) -> None:
+        """One more reader of ``slot``: it leaves the LRU list until the last one is done. Locked."""
+        if slot.holds == 0 and not slot.pinned:
+            del self._lru[slot.key]
+            self._fixed.add(slot)
+        slot.holds += 1
+
     def _release(self, slot: _Slot) -> None:
         """A view of ``slot`` is done with."""
         with self._lock:
-            slot.holds -= 1
-            if slot.holds or self._closed:
-                return
-            if not slot.live:
-                self._fixed.remove(slot)
-                self._free(slot)
-            elif not slot.pinned:
-                self._make_evictable(slot)
+            self._release_locked(slot)
+
+    def _release_locked(self, slot: _Slot) -> None:
+        slot.holds -= 1
+        if slot.holds or self._closed:
+            return
+        if not slot.live:
+            self._fixed.remove(slot)
+            self._free(slot)
+        elif not slot.pinned:
+            self._make_evictable(slot)
 
     def _make_evictable(self, slot: _Slot) -> None:
         self._fixed.remove(slot)

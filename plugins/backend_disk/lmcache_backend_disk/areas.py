@@ -39,6 +39,7 @@ from lmcache_core.keys import ChunkKey
 from lmcache_backend_disk.chunkfile import (
     CHUNK_SUFFIX,
     TEMP_SUFFIX,
+    ChunkHeader,
     CorruptChunkError,
     file_name,
     read_chunk,
@@ -207,8 +208,8 @@ class SharedAreas:
         self.hits = 0
         self.corrupt = 0
 
-    def read(self, key: ChunkKey) -> tuple[torch.Tensor, int] | None:
-        """``key``'s tensor and tokens from the first area holding an intact file, else None."""
+    def read(self, key: ChunkKey) -> tuple[torch.Tensor, ChunkHeader] | None:
+        """``key``'s tensor and header from the first area holding an intact file, else None."""
         name = file_name(key)
         for directory in self._directories():
             try:
@@ -221,7 +222,7 @@ class SharedAreas:
                 continue
             with self._lock:
                 self.hits += 1
-            return tensor, header.num_tokens
+            return tensor, header
         return None
 
     def holds(self, key: ChunkKey) -> bool:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 import xxhash
 
+from lmcache_core.codecs import ChunkEncoding
 from lmcache_core.errors import BackendError
 from lmcache_core.events import EventSink
 from lmcache_core.keys import ChunkKey
@@ -82,6 +83,7 @@ class _Pending:
     num_tokens: int
     size: int
     on_done: Callback | None
+    encoding: ChunkEncoding | None = None
     pins: int = 0
     queued: bool = True
     cancelled: bool = False
@@ -114,6 +116,14 @@ def _touch(fd: int) -> None:
         pass  # a read-only directory still serves its chunks; only the LRU hint is lost
 
 
+def _file_size(
+    key: ChunkKey, data: torch.Tensor, num_tokens: int, encoding: ChunkEncoding | None
+) -> int:
+    """Bytes of the chunk file ``data`` makes: its header plus its data."""
+    header = encode_header(key, data.dtype, tuple(data.shape), num_tokens, 0, 0, encoding)
+    return len(header) + data.numel() * data.element_size()
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         os.unlink(path)
@@ -135,6 +145,7 @@ class LocalDiskBackend(StorageBackend):
 
     location = LOCATION
     writes_behind = True
+    stores_encoded = True
 
     def __init__(
         self,
@@ -224,20 +235,24 @@ class LocalDiskBackend(StorageBackend):
         data: torch.Tensor,
         num_tokens: int,
         on_done: Callback | None = None,
+        encoding: ChunkEncoding | None = None,
     ) -> bool:
-        """Queue ``data`` for writing; see ``StorageBackend.put`` (this backend writes behind)."""
+        """Queue ``data`` for writing; see ``StorageBackend.put`` (this backend writes behind).
+
+        With ``encoding``, ``data`` is a codec's payload; the file records the encoding
+        (chunk format version 2), so any process reading it knows how to decode it.
+        """
         done_now = [on_done] if on_done is not None else []
         try:
             if not isinstance(data, torch.Tensor):
                 raise BackendError(
                     f"LocalDiskBackend stores torch tensors, got {type(data).__name__}"
                 )
-            size = len(encode_header(key, data.dtype, tuple(data.shape), num_tokens, 0, 0))
-            size += data.numel() * data.element_size()
+            size = _file_size(key, data, num_tokens, encoding)
             with self._cond:
                 if self._closing:
                     raise BackendError(f"LocalDiskBackend at {self.directory} is closed")
-                admitted = self._enqueue_locked(key, data, num_tokens, size, on_done)
+                admitted = self._enqueue_locked(key, data, num_tokens, size, on_done, encoding)
         except BaseException:
             _call(done_now)  # on_done runs exactly once, even when put fails
             raise
@@ -247,7 +262,13 @@ class LocalDiskBackend(StorageBackend):
         return admitted
 
     def _enqueue_locked(
-        self, key: ChunkKey, data: torch.Tensor, num_tokens: int, size: int, on_done: Callback | None
+        self,
+        key: ChunkKey,
+        data: torch.Tensor,
+        num_tokens: int,
+        size: int,
+        on_done: Callback | None,
+        encoding: ChunkEncoding | None,
     ) -> bool | None:
         """Queue a chunk; None when queued, else the put's result (on_done is then the caller's)."""
         blocked = False
@@ -266,7 +287,7 @@ class LocalDiskBackend(StorageBackend):
                 blocked = True
                 self._counters["blocked_puts"] += 1
             self._cond.wait()
-        item = _Pending(key, data, num_tokens, size, on_done)
+        item = _Pending(key, data, num_tokens, size, on_done, encoding)
         self._pending[key] = item
         self._queue.append(item)
         self._cond.notify_all()
@@ -283,7 +304,9 @@ class LocalDiskBackend(StorageBackend):
             if item is not None:
                 item.readers += 1
                 self._counters["hits"] += 1
-                return ChunkView(item.data, item.num_tokens, lambda: self._release_reader(item))
+                return ChunkView(
+                    item.data, item.num_tokens, lambda: self._release_reader(item), item.encoding
+                )
             entry = self._index.get(key)
             if entry is not None:
                 self._index.move_to_end(key)
@@ -301,7 +324,7 @@ class LocalDiskBackend(StorageBackend):
             return self._get_shared(key)
         try:
             with f:
-                tensor, _ = read_chunk(f, key)
+                tensor, header = read_chunk(f, key)
                 _touch(f.fileno())
         except (CorruptChunkError, OSError) as exc:
             with self._cond:
@@ -312,7 +335,7 @@ class LocalDiskBackend(StorageBackend):
             return None
         with self._cond:
             self._counters["hits"] += 1
-        return ChunkView(tensor, entry.num_tokens)
+        return ChunkView(tensor, entry.num_tokens, encoding=header.encoding)
 
     def _get_shared(self, key: ChunkKey) -> ChunkView | None:
         found = self._shared.read(key)  # outside the lock: other areas are not ours to guard
@@ -320,8 +343,8 @@ class LocalDiskBackend(StorageBackend):
             self._counters["hits" if found is not None else "misses"] += 1
         if found is None:
             return None
-        tensor, num_tokens = found
-        return ChunkView(tensor, num_tokens)
+        tensor, header = found
+        return ChunkView(tensor, header.num_tokens, encoding=header.encoding)
 
     def contains(self, key: ChunkKey) -> bool:
         """Whether ``get`` would find the chunk: here, or in another write area (checked by
@@ -391,6 +414,49 @@ class LocalDiskBackend(StorageBackend):
             if target.pins == 0 and isinstance(target, _Entry):
                 self._pinned_bytes -= target.size
             return True
+
+    def replace(
+        self, key: ChunkKey, data: torch.Tensor, encoding: ChunkEncoding | None
+    ) -> bool:
+        """Rewrite a chunk's file in another form (see ``StorageBackend.replace``).
+
+        The new file is written under a temporary name and renamed over the old one, so a
+        crash leaves either form, never neither. It runs under the backend's lock (an
+        operator's recode is rare; a racing put, remove or clear of the key must not
+        interleave with the rename). A chunk still queued for writing is left as it is.
+        """
+        with self._cond:
+            if self._closing:
+                raise BackendError(f"LocalDiskBackend at {self.directory} is closed")
+            entry = self._index.get(key)
+            if entry is None or key in self._pending:
+                return False
+            size = _file_size(key, data, entry.num_tokens, encoding)
+            grow = size - entry.size
+            protect = entry.pins == 0  # pinned meanwhile, so making room never evicts it
+            if protect:
+                entry.pins = 1
+                self._pinned_bytes += entry.size
+            try:
+                if grow > 0 and not self._make_room_locked(grow):
+                    return False
+                item = _Pending(key, data, entry.num_tokens, size, None, encoding, queued=False)
+                try:
+                    self._write_file(item)
+                except Exception as exc:
+                    self._counters["write_errors"] += 1
+                    raise BackendError(
+                        f"LocalDiskBackend could not rewrite chunk {key.to_string()}: {exc}"
+                    ) from exc
+                self._used += grow
+                self._pinned_bytes += grow
+                entry.size = size
+                self._index.move_to_end(key)
+                return True
+            finally:
+                if protect:
+                    entry.pins = 0
+                    self._pinned_bytes -= entry.size
 
     def inventory(self) -> list[tuple[ChunkKey, int]]:
         """Chunks on disk (announced as admitted), least recently used first."""
@@ -507,7 +573,13 @@ class LocalDiskBackend(StorageBackend):
         tensor, raw = tensor_bytes(item.data)
         checksum = xxhash.xxh3_64_intdigest(raw)
         header = encode_header(
-            item.key, tensor.dtype, tuple(tensor.shape), item.num_tokens, len(raw), checksum
+            item.key,
+            tensor.dtype,
+            tuple(tensor.shape),
+            item.num_tokens,
+            len(raw),
+            checksum,
+            item.encoding,
         )
         if len(header) + len(raw) != item.size:
             raise BackendError("the chunk's tensor changed size while it was queued")

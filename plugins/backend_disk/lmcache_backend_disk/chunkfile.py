@@ -1,6 +1,6 @@
 """The on-disk format of one chunk file: a small self-describing header, then the raw bytes.
 
-Layout (all integers little-endian), format version 1::
+Layout (all integers little-endian), format versions 1 and 2::
 
     offset  size  field
          0     8  magic            b"LMCKVCH\\x00"
@@ -16,7 +16,20 @@ Layout (all integers little-endian), format version 1::
         48        shape            ndim signed 64-bit integers
                   dtype name       ASCII, torch's name without "torch." ("bfloat16")
                   key              UTF-8, ``ChunkKey.to_string()``
+                  encoding         version 2 only, see below
                   zero padding     up to the header length
+
+A chunk stored as it is gets a version 1 file (what every earlier release wrote and reads).
+A chunk encoded by a codec (``lmcache_core.codecs``) gets version 2: the data is the codec's
+payload (shape and dtype above describe it: ``(n,)``, ``uint8``) and the encoding section says
+how to decode it::
+
+                     1  codec name length
+                        codec name          ASCII ("zstd")
+                     1  dtype length
+                        original dtype name ASCII
+                     1  original ndim
+                        original shape      ndim signed 64-bit integers
 
 The header is checksummed on its own so a restart can trust a file after reading only its
 first bytes; the data checksum is verified on every read.
@@ -33,11 +46,14 @@ import numpy as np
 import torch
 import xxhash
 
+from lmcache_core.codecs import ChunkEncoding
 from lmcache_core.errors import BackendError
 from lmcache_core.keys import ChunkKey
 
 MAGIC = b"LMCKVCH\x00"
 FORMAT_VERSION = 1
+#: the version of files holding an encoded chunk (a version 1 header plus the encoding)
+ENCODED_FORMAT_VERSION = 2
 HEADER_ALIGN = 64
 #: the final extension of a chunk file; temporary files end in TEMP_SUFFIX instead
 CHUNK_SUFFIX = ".kvchunk"
@@ -67,6 +83,7 @@ class ChunkHeader:
     data_length: int
     data_checksum: int
     header_length: int
+    encoding: ChunkEncoding | None = None
 
     @property
     def file_size(self) -> int:
@@ -103,19 +120,22 @@ def encode_header(
     num_tokens: int,
     data_length: int,
     data_checksum: int,
+    encoding: ChunkEncoding | None = None,
 ) -> bytes:
-    """The header bytes for a chunk (padded to a multiple of 64)."""
+    """The header bytes for a chunk (padded to a multiple of 64); version 2 with ``encoding``."""
     dtype_bytes = dtype_name(dtype).encode("ascii")
     key_bytes = key.to_string().encode("utf-8")
     shape_bytes = struct.pack(f"<{len(shape)}q", *shape)
     variable = shape_bytes + dtype_bytes + key_bytes
+    if encoding is not None:
+        variable += _encode_encoding(key, encoding)
     unpadded = _FIXED.size + len(variable)
     header_length = -(-unpadded // HEADER_ALIGN) * HEADER_ALIGN
     if len(shape) > 255 or len(key_bytes) > 0xFFFF or header_length > 0xFFFF:
         raise BackendError(f"chunk {key.to_string()!r} has a shape or key too large to store")
     fixed = _FIXED.pack(
         MAGIC,
-        FORMAT_VERSION,
+        FORMAT_VERSION if encoding is None else ENCODED_FORMAT_VERSION,
         header_length,
         data_length,
         num_tokens,
@@ -141,7 +161,7 @@ def read_header(f: BinaryIO, file_size: int) -> ChunkHeader:
     )
     if magic != MAGIC:
         raise CorruptChunkError("not a chunk file (bad magic)")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, ENCODED_FORMAT_VERSION):
         raise CorruptChunkError(f"unsupported chunk format version {version}")
     variable_length = 8 * ndim + dlen + klen
     if header_length < _FIXED.size + variable_length or header_length % HEADER_ALIGN:
@@ -154,6 +174,9 @@ def read_header(f: BinaryIO, file_size: int) -> ChunkHeader:
     shape = struct.unpack_from(f"<{ndim}q", rest, 0)
     name = rest[8 * ndim : 8 * ndim + dlen].decode("ascii", errors="replace")
     key_text = rest[8 * ndim + dlen : 8 * ndim + dlen + klen].decode("utf-8", errors="replace")
+    encoding = None
+    if version == ENCODED_FORMAT_VERSION:
+        encoding = _decode_encoding(rest, 8 * ndim + dlen + klen)
     dtype = dtype_from_name(name)
     try:
         key = ChunkKey.from_string(key_text)
@@ -172,7 +195,39 @@ def read_header(f: BinaryIO, file_size: int) -> ChunkHeader:
         raise CorruptChunkError(
             f"file is {file_size} bytes, header says {header_length + data_length} (torn write?)"
         )
-    return ChunkHeader(key, dtype, tuple(shape), num_tokens, data_length, data_checksum, header_length)
+    return ChunkHeader(
+        key, dtype, tuple(shape), num_tokens, data_length, data_checksum, header_length, encoding
+    )
+
+
+def _encode_encoding(key: ChunkKey, encoding: ChunkEncoding) -> bytes:
+    codec = encoding.codec.encode("ascii", errors="replace")
+    dtype = dtype_name(encoding.dtype).encode("ascii")
+    shape = encoding.shape
+    if len(codec) > 255 or len(shape) > 255:
+        raise BackendError(f"chunk {key.to_string()!r} has a codec name or shape too long to store")
+    return (
+        bytes([len(codec)]) + codec + bytes([len(dtype)]) + dtype + bytes([len(shape)])
+        + struct.pack(f"<{len(shape)}q", *shape)
+    )
+
+
+def _decode_encoding(rest: bytes, at: int) -> ChunkEncoding:
+    """The encoding section of a version 2 header, starting ``at`` bytes into ``rest``."""
+    try:
+        clen = rest[at]
+        codec = rest[at + 1 : at + 1 + clen].decode("ascii")
+        at += 1 + clen
+        dlen = rest[at]
+        dtype = dtype_from_name(rest[at + 1 : at + 1 + dlen].decode("ascii"))
+        at += 1 + dlen
+        ndim = rest[at]
+        shape = struct.unpack_from(f"<{ndim}q", rest, at + 1)
+    except (IndexError, UnicodeDecodeError, struct.error) as exc:
+        raise CorruptChunkError(f"bad encoding section in chunk header: {exc}") from exc
+    if not codec or any(dim < 0 for dim in shape):
+        raise CorruptChunkError(f"bad encoding section in chunk header: {codec!r} {shape}")
+    return ChunkEncoding(codec, dtype, tuple(shape))
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
