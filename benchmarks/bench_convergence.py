@@ -3,9 +3,11 @@
 A fleet process (``--fleet``, started by this script) runs ``--workers`` synthetic workers on
 one NATS connection, each holding ``--chunks`` chunks at one location. They speak the worker's
 side of the protocol with the real wire models (``lmcache_core.wire``): register on a hello
-(to everyone, or to their own run), send their inventory as reset batches when the ack or a
-``resync`` command asks, answer ``replay`` with ``not_retained`` (they retain nothing, so a real
-gap costs that one worker a resync), and heartbeat every ``worker_heartbeat_interval``. The
+(to everyone, or to their own run), answer ``inventory`` commands page by page from a snapshot
+(the controller pulls what it lacks, a bounded window of workers at a time), send their
+inventory as reset batches when an ack or a ``resync`` command asks, answer ``replay`` with
+``not_retained`` (they retain nothing, so a real gap costs that one worker a resync), and
+heartbeat every ``worker_heartbeat_interval``. The
 controller runs in this process, exactly as ``lmcache_controller`` runs it, against a real
 nats-server whose monitoring endpoint (``/varz``) counts every message on the bus.
 
@@ -17,7 +19,10 @@ Measured:
   announces it in a heartbeat), and one the controller dropped (its heartbeats are from a run
   the controller does not know). Each must cost 0 fleet-wide hellos and no registration or
   inventory from any other worker;
-* (c) bus messages per second (server in + out) at steady state and during the recovery.
+* (c) bus messages per second (server in + out) at steady state and during the recovery;
+* (d) a second controller joining the converged one: how long until its index equals the
+  fleet, how many inventories the workers sent (one each, to the new controller alone) and
+  what the first controller applied again meanwhile (target: nothing).
 
 Baseline, measured in the same run on the same nats-server: raw nats-py publish/subscribe
 rate with the payload sizes of an inventory batch and of a heartbeat (``bench_nats_baseline.py``).
@@ -47,6 +52,7 @@ from bench_nats_baseline import measure_pubsub_rate_async  # noqa: E402
 from lmcache_core.config import load_settings  # noqa: E402
 from lmcache_core.controller.server import running_controller  # noqa: E402
 from lmcache_core.events import EventKind  # noqa: E402
+from lmcache_core.inventory import InventorySnapshots  # noqa: E402
 from lmcache_core.keys import HASH_SCHEME  # noqa: E402
 from lmcache_core.plugins import get_plugin_manager, resolve_transport  # noqa: E402
 from lmcache_core.testing import free_port  # noqa: E402
@@ -59,6 +65,7 @@ from lmcache_core.wire import (  # noqa: E402
     HashingParams,
     Heartbeat,
     Hello,
+    InventoryCommand,
     PingCommand,
     RegistrationAck,
     ReplayCommand,
@@ -92,9 +99,10 @@ class FleetWorker:
             **self.ident.model_dump(exclude={"version"}),
             model_name="synthetic-model", kv_dtype="bfloat16",
             hashing=HashingParams(scheme=HASH_SCHEME, chunk_size=256),
-            locations=[LOCATION], host="synthetic",
+            locations=[LOCATION], host="synthetic", started_at=time.time(),
         )
         self.hashes = inventory(index, chunks)
+        self.snapshots = InventorySnapshots()
         self.seq = 0
         self.lock = anyio.Lock()  # one resync at a time, batches in seq order
 
@@ -126,8 +134,17 @@ class FleetWorker:
                     part, np.full(len(part), 256, np.uint32), reset=(start == 0),
                 )
                 await self.fleet.bus.publish(topic, batch.encode())
-                self.fleet.resets[self.index] += start == 0
+                self.fleet.inventories[self.index] += start == 0
             return self.seq
+
+    def inventory(self, command: InventoryCommand) -> CommandReply:
+        """One page of a snapshot of the inventory (the first request takes it)."""
+        fleet = self.fleet
+        snapshot_id = None
+        if command.snapshot is None:
+            snapshot_id = self.snapshots.take(LOCATION, self.seq, self.hashes, np.full(len(self.hashes), 256, np.uint32))
+            fleet.inventories[self.index] += 1
+        return self.reply(ok=True, location=LOCATION, inventory=self.snapshots.page(command, snapshot_id))
 
     async def lose_a_batch(self) -> None:
         """Admit one more chunk in a batch that never reaches the bus, then heartbeat."""
@@ -155,7 +172,7 @@ class Fleet:
         self.workers = [FleetWorker(self, i, chunks) for i in range(workers)]
         self.by_instance = {w.ident.instance_id: w for w in self.workers}
         self.registrations = [0] * workers
-        self.resets = [0] * workers
+        self.inventories = [0] * workers  # sent: pushed as reset batches, or a snapshot pulled
         self.hellos_all = 0
         self.hellos_one = 0
 
@@ -179,7 +196,9 @@ class Fleet:
                 request = CommandRequest.decode(msg.payload)
                 worker = self.by_instance[msg.topic.split(".")[1]]
                 command = request.command
-                if isinstance(command, ResyncCommand):
+                if isinstance(command, InventoryCommand):
+                    reply = worker.inventory(command)
+                elif isinstance(command, ResyncCommand):
                     reply = worker.reply(ok=True, last_seq={LOCATION: await worker.resync()})
                 elif isinstance(command, ReplayCommand):
                     reply = worker.reply(ok=False, error_kind="not_retained", error="retains nothing")
@@ -216,7 +235,7 @@ class Fleet:
                 await self.workers[int(line[1])].lose_a_batch()
             out = {
                 "hellos_all": self.hellos_all, "hellos_one": self.hellos_one,
-                "registrations": self.registrations, "resets": self.resets,
+                "registrations": self.registrations, "inventories": self.inventories,
                 "chunks": [len(w.hashes) for w in self.workers],
             }
             print(json.dumps(out), flush=True)
@@ -307,6 +326,16 @@ def resyncs(controller: Any) -> int:
     return int(controller.metrics.resyncs._value.get())
 
 
+def applied(controller: Any) -> int:
+    """Events the controller applied from batches so far."""
+    return int(controller.metrics.events_applied._value.get())
+
+
+def installed(controller: Any) -> int:
+    """Inventory snapshots the controller installed so far."""
+    return int(controller.metrics.inventories_pulled.labels("installed")._value.get())
+
+
 async def stale_case(name: str, fleet: FleetProcess, handle: Any, monitor: int, act: Any, stale: int,
                      expected: list[int]) -> dict:
     """Run ``act`` on the converged fleet; what it cost until the index matched again."""
@@ -327,7 +356,7 @@ async def stale_case(name: str, fleet: FleetProcess, handle: Any, monitor: int, 
         "hellos_all": after["hellos_all"] - before["hellos_all"],
         "hellos_one": after["hellos_one"] - before["hellos_one"],
         "others_registered": sum(after["registrations"][i] - before["registrations"][i] for i in others),
-        "others_resent": sum(after["resets"][i] - before["resets"][i] for i in others),
+        "others_resent": sum(after["inventories"][i] - before["inventories"][i] for i in others),
         "resyncs": resyncs(controller) - resyncs_before,
         "msgs_per_s": (await messages_now(monitor) - msgs_before) / (time.perf_counter() - started),
         "ok": converged(controller, expected),
@@ -369,6 +398,7 @@ async def run(args: argparse.Namespace) -> None:
                     await proc.stdin.send(b"quit\n")
                     return
                 counts = await fleet.ask("counts")
+                most_pulls = handle.controller.most_pulls_running
                 # (c) steady state: heartbeats only
                 msgs_before, t0 = await messages_now(monitor), time.perf_counter()
                 await anyio.sleep(args.steady)
@@ -391,6 +421,18 @@ async def run(args: argparse.Namespace) -> None:
                 ]
                 expected = cases[-1]["expected"]
                 cases.append(await stale_case("the controller dropped a worker (unknown run)", fleet, handle, monitor, drop, dropped, expected))
+                expected = cases[-1]["expected"]
+                # (d) a second controller joins the converged one
+                applied_before, installed_before = applied(controller), installed(controller)
+                joined_before, msgs_before = await fleet.ask("counts"), await messages_now(monitor)
+                started = time.perf_counter()
+                async with running_controller(settings, nats_url=server.url, pm=pm) as second:
+                    join = await wait_converged(second.controller, expected, args.timeout)
+                    join_rate = (await messages_now(monitor) - msgs_before) / (time.perf_counter() - started)
+                joined = await fleet.ask("counts")
+                join_sent = sum(joined["inventories"]) - sum(joined_before["inventories"])
+                reapplied = applied(controller) - applied_before + installed(controller) - installed_before
+                first_intact = converged(controller, expected)
                 slow_consumers = varz(monitor).get("slow_consumers", 0) - slow_before
             await proc.stdin.send(b"quit\n")
             await proc.wait()
@@ -409,7 +451,7 @@ async def run(args: argparse.Namespace) -> None:
     fleet_hellos = counts["hellos_all"] - counts_before["hellos_all"]
     targeted = counts["hellos_one"] - counts_before["hellos_one"]
     registered = sum(counts["registrations"]) - sum(counts_before["registrations"])
-    resent = sum(counts["resets"]) - sum(counts_before["resets"])
+    resent = sum(counts["inventories"]) - sum(counts_before["inventories"])
     rows = [
         ("first start: fleet registered and indexed (s)", f"{first:.2f}", f"{total:,} entries, index {memory / total:.1f} B/entry"),
         ("(a) restart: index equals the fleet (s)", f"{restart:.2f}",
@@ -418,6 +460,8 @@ async def run(args: argparse.Namespace) -> None:
          f"{batches:,} x {batch_bytes:,} B at {base_batch.messages_per_s:,.0f} msgs/s (delivery only, floor)"),
         ("    hellos to the whole fleet / to one worker", f"{fleet_hellos} / {targeted}", "1 fleet-wide expected: the new controller's"),
         ("    registrations / inventories sent", f"{registered:,} / {resent:,}", f"{args.workers:,} workers: 1 each at best"),
+        ("    inventory pulls running at once, at most", f"{most_pulls}",
+         f"controller_recovery_window {settings.controller_recovery_window} (one page each in flight)"),
         ("    nats-server slow consumers (clients cut off) since", f"{slow_consumers}", f"target 0: {verdict(slow_consumers == 0)}"),
     ]
     for case in cases:
@@ -439,6 +483,14 @@ async def run(args: argparse.Namespace) -> None:
     ]
     for case in cases:
         rows.append((f"(c) bus msgs/s while repairing: {case['name']}", f"{case['msgs_per_s']:,.0f}", ""))
+    rows += [
+        ("(d) a second controller joins: its index equals the fleet (s)", f"{join:.2f}",
+         f"target <= {TARGET_CONVERGE_S:g} s: {verdict(join <= TARGET_CONVERGE_S)}"),
+        ("    inventories the workers sent / events + snapshots the first applied again",
+         f"{join_sent:,} / {reapplied:,}", f"{args.workers:,} / 0 expected (pulled by the new one alone): "
+         f"{verdict(join_sent == args.workers and reapplied == 0 and first_intact)}"),
+        ("(c) bus msgs/s while the second controller caught up", f"{join_rate:,.0f}", ""),
+    ]
     print_table(f"Convergence: {args.workers:,} synthetic workers x {args.chunks:,} chunks over a real nats-server", rows)
 
 

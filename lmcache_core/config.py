@@ -203,6 +203,13 @@ class LMCacheSettings(BaseSettings):
         1.0, gt=0, description="Seconds a sequence gap may stand (the missing batches only delayed) "
         "before the controller asks that worker to replay the range."
     )
+    controller_recovery_window: int = Field(
+        32, ge=1, description="Workers whose inventories the controller pulls at once after it starts or "
+        "meets a run it does not know (each has one page in flight: this bounds the recovery's traffic)."
+    )
+    controller_inventory_page: int = Field(
+        16_384, ge=1, le=32_768, description="Entries per inventory page the controller asks a worker for."
+    )
     controller_heartbeat_timeout: float = Field(
         5.0, gt=0, description="Seconds without a heartbeat after which the controller drops a worker."
     )

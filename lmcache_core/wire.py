@@ -44,10 +44,18 @@ checks that the ids inside the message are the ones its topic names, so a bus th
 instance publish only its own topics (``worker_topics``: NATS authorization permissions) also
 stops it from speaking for another.
 
-Versions: 5 adds the ``pin``, ``unpin`` and ``move`` commands (``ChunksCommand``: the chunks
-of some tokens, or all, at one location), the ``recode`` command (``/compress`` and
-``/decompress``: re-encode one location's chunks in place) with the reply kinds
-``unknown_codec`` (with ``available_codecs``) and ``unsupported``, and the registration's
+Recovery: a version-5 controller answers a registration with ``resync=False`` and pulls the
+inventories it needs itself, a bounded window of workers at a time, with ``inventory`` commands:
+each reply carries one page of a snapshot taken as of the last batch published (``seq``), so
+only the controller that asked receives it, and what it has in flight is bounded by the window
+times one page. Batches after ``seq`` wait (held) until the snapshot is installed.
+
+Versions: 5 adds the ``inventory`` command and its ``InventoryPage`` reply (paced, targeted
+recovery; the registration ack no longer asks for a pushed resync), the registration's
+``started_at`` and ``lost_events``, the ``pin``, ``unpin`` and ``move`` commands
+(``ChunksCommand``: the chunks of some tokens, or all, at one location), the ``recode`` command
+(``/compress`` and ``/decompress``: re-encode one location's chunks in place) with the reply
+kinds ``unknown_codec`` (with ``available_codecs``) and ``unsupported``, and the registration's
 ``ip``, ``port`` and ``peer_init_url`` (LMCache's worker fields); 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
 ``not_retained`` and ``expired``; 3 puts the instance and rank into the registration topic (``register.<inst>.<w>``,
 was ``register``), so bus permissions tell one instance's registrations from another's; 2
@@ -201,12 +209,23 @@ class WorkerRegistration(WorkerIdentity):
     ip: str = Field("", description="The worker's IP address (the one it reaches the bus from); what /query_instance matches.")
     port: int = Field(0, ge=0, le=65535, description="LMCache's lmcache_worker_port(s) of this rank when configured, else 0.")
     peer_init_url: str | None = Field(None, description="LMCache's p2p_host:p2p_init_ports of this rank when configured.")
+    started_at: float = Field(
+        0.0, description="Unix time this run started: of two live runs on one rank (a duplicate "
+        "instance id), every controller keeps the one started first (ties: the lower epoch)."
+    )
+    lost_events: bool = Field(
+        False, description="Events were dropped unsent since this run's last accepted registration "
+        "(no bus): the controller pulls its whole inventory even when it knows this run."
+    )
 
 
 class RegistrationAck(WireModel):
     accepted: bool
     detail: str = ""
-    resync: bool = Field(True, description="Whether the worker should send its inventory now.")
+    resync: bool = Field(
+        True, description="Whether the worker should publish its inventory now (reset batches). A "
+        "version-5 controller answers False and pulls what it needs with 'inventory' commands."
+    )
 
 
 class EventBatch(WireModel):
@@ -336,8 +355,56 @@ class RecodeCommand(WireModel):
     tokens: list[int] | None = None
 
 
+#: most entries one inventory page may carry (13 bytes each, base64: well under NATS' 1 MiB payload)
+MAX_INVENTORY_PAGE = 32_768
+
+
+class InventoryCommand(WireModel):
+    """Answer one page of a location's inventory. Without ``snapshot`` the worker first takes
+    one, as of the last batch it published at that location (pending events go out first);
+    later pages name the snapshot the first reply named ('no_snapshot' when it is gone)."""
+
+    op: Literal["inventory"] = "inventory"
+    location: str
+    snapshot: str | None = None
+    offset: int = Field(0, ge=0, description="First entry of the page within the snapshot.")
+    limit: int = Field(MAX_INVENTORY_PAGE, ge=1, le=MAX_INVENTORY_PAGE, description="Most entries in the page.")
+
+
+class InventoryPage(WireModel):
+    """One page of an inventory snapshot: chunk hashes (little-endian uint64) and token counts
+    (little-endian uint32), entries ``offset`` .. ``offset + len - 1`` of ``total``."""
+
+    snapshot: str = Field(description="Id the following pages' requests name.")
+    location: str
+    seq: int = Field(ge=0, description="The snapshot holds every batch up to this seq, none after it.")
+    total: int = Field(ge=0, description="Entries in the whole snapshot.")
+    offset: int = Field(ge=0)
+    hashes: bytes
+    tokens: bytes
+
+    @classmethod
+    def build(
+        cls, snapshot: str, location: str, seq: int, total: int, offset: int, hashes: np.ndarray, tokens: np.ndarray
+    ) -> "InventoryPage":
+        return cls(
+            snapshot=snapshot, location=location, seq=seq, total=total, offset=offset,
+            hashes=np.ascontiguousarray(hashes, dtype="<u8").tobytes(),
+            tokens=np.ascontiguousarray(tokens, dtype="<u4").tobytes(),
+        )
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        hashes = np.frombuffer(self.hashes, dtype="<u8")
+        tokens = np.frombuffer(self.tokens, dtype="<u4")
+        if len(hashes) != len(tokens):
+            raise ValueError(f"inventory page arrays differ in length: hashes {len(hashes)}, tokens {len(tokens)}")
+        if self.offset + len(hashes) > self.total:
+            raise ValueError(f"inventory page {self.offset}+{len(hashes)} runs past its total {self.total}")
+        return hashes, tokens
+
+
 Command = Annotated[
-    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand, ChunksCommand, RecodeCommand],
+    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand, InventoryCommand, ChunksCommand, RecodeCommand],
     Field(discriminator="op"),
 ]
 
@@ -354,9 +421,10 @@ class CommandRequest(WireModel):
 
 class CommandReply(WireModel):
     """A worker's answer. ``error_kind`` is machine-readable: 'unknown_location', 'bad_request',
-    'not_retained' (a replay of batches no longer kept), 'expired' (read after its deadline, not
-    carried out), 'unknown_codec' (with ``available_codecs``), 'unsupported' (a codec cannot do
-    what was asked there), 'internal'; ``error`` is the human message."""
+    'not_retained' (a replay of batches no longer kept), 'no_snapshot' (an inventory page
+    of a snapshot no longer kept), 'expired' (read after its deadline, not carried out),
+    'unknown_codec' (with ``available_codecs``), 'unsupported' (a codec cannot do what was asked
+    there), 'internal'; ``error`` is the human message."""
 
     ok: bool
     instance_id: str
@@ -378,3 +446,4 @@ class CommandReply(WireModel):
         "replying (the batch holding the clear event for clear); the receiver ignores older batches.",
     )
     registration: WorkerRegistration | None = None
+    inventory: InventoryPage | None = Field(None, description="inventory: the page asked for.")

@@ -4,17 +4,19 @@
 portal) whose task group owns every task. The worker
 
 * registers with the controller (``WorkerRegistration``), retrying with backoff while no
-  controller answers, and then sends its inventory per location (a resync, ``reset=True``);
+  controller answers; a version-5 controller then pulls the inventory per location in pages
+  (``inventory`` commands, answered from a snapshot), an ack asking for it has it published
+  (a resync, ``reset=True``);
 * turns the engine's admit/evict/clear events into ordered ``EventBatch``es, one sequence of
   batch numbers per location; the engine's callback only appends to a deque, so the engine is
   never slowed by the bus;
 * heartbeats with the last batch number and chunk count per location;
 * retains its recent batches (``worker_replay_batches`` / ``worker_replay_bytes``) and publishes
   a range again on a ``replay`` command ('not_retained' when it is gone: the controller resyncs);
-* answers ``clear``, ``lookup``, ``resync``, ``replay``, ``ping``, ``pin``, ``unpin``,
-  ``move`` and ``recode`` commands on its command topic, and carries none out after its
-  deadline (it answers 'expired' and logs it);
-* re-registers and resyncs when a controller says hello (to every worker, or to this run on
+* answers ``clear``, ``lookup``, ``resync``, ``replay``, ``inventory``, ``ping``, ``pin``,
+  ``unpin``, ``move`` and ``recode`` commands on its command topic, and carries none out after
+  its deadline (it answers 'expired' and logs it);
+* re-registers when a controller says hello (to every worker, or to this run on
   its own hello topic) and after a transport reconnect;
 * says goodbye when it stops cleanly, so the controller drops its entries at once.
 
@@ -47,6 +49,7 @@ from pydantic import ValidationError
 from lmcache_core.codecs import CodecError, UnknownCodecError
 from lmcache_core.errors import LMCacheError, NoResponders, RequestTimeout, UnknownLocationError
 from lmcache_core.events import EventKind, KVEvent
+from lmcache_core.inventory import InventorySnapshots, SnapshotGone
 from lmcache_core.keys import HASH_SCHEME
 from lmcache_core.retained import RetainedBatches
 from lmcache_core.transport import Message, MessageBus
@@ -62,6 +65,7 @@ from lmcache_core.wire import (
     HashingParams,
     Heartbeat,
     Hello,
+    InventoryCommand,
     LookupCommand,
     PingCommand,
     RegistrationAck,
@@ -169,6 +173,10 @@ class WorkerHandle:
         self._seq: dict[str, int] = {}
         self._clear_seq: dict[str, int] = {}  # per location, the batch holding the latest clear
         self._retained = RetainedBatches(self.settings.worker_replay_batches, self.settings.worker_replay_bytes)
+        self._snapshots = InventorySnapshots()
+        self._started_at = time.time()
+        #: events were dropped unsent (no bus) since the last accepted registration
+        self._lost_events = False
         self._publish_failing = False
         self._registered = threading.Event()
         self.registrations = 0
@@ -212,6 +220,8 @@ class WorkerHandle:
             ip=self.address.ip,
             port=self.address.port,
             peer_init_url=self.address.peer_init_url,
+            started_at=self._started_at,
+            lost_events=self._lost_events,
         )
 
     def last_seq(self) -> dict[str, int]:
@@ -346,6 +356,8 @@ class WorkerHandle:
 
     def _drop_pending_for_resync(self) -> None:
         """Without a bus, pending events only grow; the registration resync replaces them."""
+        if self._pending:
+            self._lost_events = True  # the registration says so: the controller pulls everything
         self._pending.clear()
 
     # --- registration ------------------------------------------------------------------------
@@ -408,6 +420,7 @@ class WorkerHandle:
                 log.warning("controller sent a malformed registration ack (retrying): %s", exc)
             else:
                 if ack.accepted:
+                    self._lost_events = False  # a version-5 controller pulls what it needs
                     if ack.resync:
                         await self._resync(None)
                     self.registrations += 1
@@ -545,6 +558,26 @@ class WorkerHandle:
                 await bus.publish(topic, payload)
         return self._reply(ok=True, location=location, last_seq={location: last})
 
+    async def _inventory(self, command: InventoryCommand) -> CommandReply:
+        """One page of a location's inventory (the first request takes the snapshot)."""
+        assert self._publish_lock is not None
+        name = command.location
+        if name not in self.engine.backends:
+            raise UnknownLocationError(name, self.engine.locations)
+        snapshot_id = None
+        if command.snapshot is None:
+            async with self._publish_lock:
+                # events emitted before the snapshot go out first, numbered up to its seq; those
+                # after it are numbered after it, so the puller applies exactly those on top
+                while await self._publish_pending_locked():
+                    pass
+                items = await anyio.to_thread.run_sync(self.engine.inventory_at, name)
+                n = len(items)
+                hashes = np.fromiter((key.chunk_hash for key, _ in items), dtype="<u8", count=n)
+                tokens = np.fromiter((t for _, t in items), dtype="<u4", count=n)
+                snapshot_id = self._snapshots.take(name, self._seq.get(name, 0), hashes, tokens)
+        return self._reply(ok=True, location=name, inventory=self._snapshots.page(command, snapshot_id))
+
     async def _sync(self, timeout: float) -> bool:
         assert self._publish_lock is not None
         with anyio.move_on_after(timeout):
@@ -640,6 +673,8 @@ class WorkerHandle:
                 return await self._replay(command)
             if isinstance(command, RecodeCommand):
                 return await self._recode(command)
+            if isinstance(command, InventoryCommand):
+                return await self._inventory(command)
             if isinstance(command, PingCommand):
                 return self._reply(
                     ok=True, registration=self.registration(), last_seq=dict(self._seq)
@@ -649,6 +684,8 @@ class WorkerHandle:
             return self._reply(
                 ok=False, error_kind="bad_request", error=f"unsupported command {command!r}"
             )
+        except SnapshotGone as exc:
+            return self._reply(ok=False, error_kind="no_snapshot", error=str(exc))
         except UnknownLocationError as exc:
             return self._reply(
                 ok=False,

@@ -174,11 +174,16 @@ class EventApplication(ControllerBase):
             worker = self.workers.get(key)  # a registration of the same run keeps its locations
             if worker is None or worker.locations.get(loc.name) is not loc:
                 return  # it left, or a new run started afresh
+            if loc.awaiting_reset and loc.pull is not None:
+                await anyio.sleep(grace)  # its inventory is on the way (recovery.py)
+                continue
             log.info(
                 "%s at %s: batches %d..%d missing for %.1f s",
                 worker.name, loc.name, loc.applied_seq + 1, loc.known_seq, time.monotonic() - since,
             )
-            if loc.awaiting_reset or replayed >= REPLAYS_BEFORE_RESYNC:
+            if loc.awaiting_reset:
+                self._want_inventory(worker, loc)  # recovery.py: a pull that failed, again
+            elif replayed >= REPLAYS_BEFORE_RESYNC:
                 await self._resync(worker, loc)  # replays that did not close it: start afresh
             else:
                 replayed += await self._replay(worker, loc)

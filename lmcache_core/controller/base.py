@@ -1,6 +1,6 @@
 """The state the controller's parts share, and the identity check every bus handler makes.
 
-``Controller`` (``state.py``) is ``Registry`` + ``EventApplication`` + ``Commands`` over one
+``Controller`` (``state.py``) is ``Registry`` + ``EventApplication`` + ``Recovery`` + ``Commands`` over one
 ``ControllerBase``: each part is a mixin in its own module, and this class is the one place
 that lists what they share and which part changes it.
 """
@@ -8,7 +8,7 @@ that lists what they share and which part changes it.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,7 +20,7 @@ from lmcache_core.config import LMCacheSettings
 from lmcache_core.controller.index import KVIndex
 from lmcache_core.controller.layout import LayoutTable
 from lmcache_core.controller.metrics import ControllerMetrics
-from lmcache_core.controller.records import EventLog, HashingGroup, HashingKey, HolderMeta, WorkerState
+from lmcache_core.controller.records import EventLog, HashingGroup, HashingKey, HolderMeta, LocationState, WorkerState
 from lmcache_core.errors import TransportError
 from lmcache_core.transport import Message, MessageBus, Subscription
 from lmcache_core.wire import WireModel, WorkerIdentity
@@ -60,6 +60,10 @@ class ControllerBase:
         self._asked: OrderedDict[tuple[str, int, str], float] = OrderedDict()
         #: rank -> epoch of its latest refused registration (one entry per rank at most)
         self._refused: dict[tuple[str, int], str] = {}
+        # --- the recovery's (recovery.py) ---
+        #: locations whose inventory is to be pulled, oldest first, and an event set when one is added
+        self._to_pull: deque[tuple[WorkerState, LocationState]] = deque()
+        self._pull_wanted: anyio.Event | None = None
         # --- the event application's (apply.py) ---
         self._events_subscription: Subscription | None = None
         #: event-batch messages handled so far, and an event set when that count moves

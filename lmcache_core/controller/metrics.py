@@ -75,6 +75,10 @@ class ControllerMetrics:
             "resyncs", "Full resyncs of one worker's location asked for (registrations' own not counted)."
         )
         self.replays = counter("replays", "Replays of a missing batch range asked of one worker.")
+        self.inventories_pulled = counter(
+            "inventories_pulled", "Worker locations whose inventory this controller pulled (paced recovery).", "outcome"
+        )
+        self.inventory_pages = counter("inventory_pages", "Inventory pages received (replies to 'inventory').")
         self.batches_held = counter("batches_held", "Batches that arrived ahead of a missing one and waited.")
         self.late_batches_applied = counter(
             "late_batches_applied", "Held batches applied in order once what came before them arrived."

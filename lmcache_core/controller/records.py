@@ -35,8 +35,11 @@ class LocationState:
     held: dict[int, tuple[EventBatch, tuple[np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=dict)
     #: monotonic time the current gap (known_seq > applied_seq) was noticed; None: no gap
     gap_since: float | None = None
-    #: a resync was asked for (or a registration promised one): only a reset batch applies
+    #: no base to apply batches on (a new run, a resync asked for): only a reset batch or a
+    #: pulled inventory snapshot applies; batches meanwhile are held
     awaiting_reset: bool = True
+    #: its inventory pull (recovery.py): None, "queued" or "pulling"
+    pull: str | None = None
 
 
 @dataclass

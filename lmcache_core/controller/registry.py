@@ -1,8 +1,9 @@
 """The registry: which workers (ranks of instances) are alive, in which run (epoch).
 
 * ``register.<inst>.<w>`` (request): a worker's identity, hashing and locations; a new
-  ``epoch`` (the worker restarted) empties what the index held for it. The ack asks for a
-  resync, which arrives as event batches whose first has ``reset=True`` (``apply.py``).
+  ``epoch`` (the worker restarted) empties what the index held for it. What the controller
+  lacks of its inventory (a run it did not know, or one that lost events) it pulls itself,
+  paced (``recovery.py``); the same run registering again keeps what was applied.
 * ``heartbeat.<inst>.<w>``: liveness plus ``last_seq`` per location (gaps: ``apply.py``). A
   worker silent for ``controller_heartbeat_timeout`` seconds leaves the index
   (``remove_holder``). A heartbeat from a run the controller does not know gets a hello on that
@@ -10,8 +11,9 @@
 * ``goodbye.<inst>.<w>``: a worker stopping cleanly leaves the index at once.
 
 A registration of a new epoch while another epoch of the same rank is alive (heard from within
-``controller_heartbeat_timeout``) is a second instance with the same id: it is refused, logged
-on both sides, and the running one keeps its entries.
+``controller_heartbeat_timeout``) is a second instance with the same id: of the two, the one
+that started later (``started_at``) is refused, logged on both sides, and the one that started
+first keeps its entries. Every controller decides the same, whatever order it heard them in.
 """
 
 from __future__ import annotations
@@ -52,11 +54,29 @@ HELLO_MIN_INTERVAL = 1.0
 _HELLO_MEMORY = 4096
 
 
+def started_first(a: WorkerRegistration, b: WorkerRegistration) -> bool:
+    """Whether run ``a`` started before run ``b`` of the same rank (ties: the lower epoch). A run
+    that does not say when it started (``started_at`` 0) loses to none: ``a``, the one already
+    registered, stays."""
+    if not a.started_at or not b.started_at:
+        return True
+    return (a.started_at, a.epoch) <= (b.started_at, b.epoch)
+
+
+def _duplicate_refusal(refused: WorkerRegistration, running: WorkerRegistration) -> str:
+    return (
+        f"instance id '{refused.instance_id}' rank {refused.worker_id} belongs to a running worker "
+        f"(host {running.host or '?'}, pid {running.pid}); give each instance its own "
+        "lmcache_instance_id (this one is retried, and accepted once that worker is gone)"
+    )
+
+
 class Registry(ControllerBase):
     """Registration, epochs and duplicates, heartbeats' liveness, goodbyes and expiry."""
 
     async def _say_hello(self) -> None:
-        """Ask every worker to register again and resync (a restarted controller recovers)."""
+        """Ask every worker to register again (a restarted controller recovers: it pulls the
+        inventories it lacks, paced; the other controllers keep what they have)."""
         try:
             await self.bus.publish(HELLO_TOPIC, Hello().encode())
         except TransportError as exc:
@@ -140,11 +160,13 @@ class Registry(ControllerBase):
         await self._respond(msg, RegistrationAck(accepted=False, resync=False, detail=detail))
 
     def register(self, reg: WorkerRegistration) -> RegistrationAck:
-        """Record a worker (a new epoch empties what it held); the ack asks for its inventory."""
+        """Record a worker (a new epoch empties what it held) and queue a pull of what this
+        controller lacks of its inventory (``recovery.py``); the ack asks the worker for nothing."""
         key = (reg.instance_id, reg.worker_id)
         old = self.workers.get(key)
         now = time.monotonic()
         refusal = None
+        displaced: WorkerRegistration | None = None
         if reg.version != PROTOCOL_VERSION:
             refusal = f"protocol version {reg.version} is not supported; this controller speaks {PROTOCOL_VERSION}"
         elif reg.hashing.scheme not in SUPPORTED_SCHEMES:
@@ -154,12 +176,12 @@ class Registry(ControllerBase):
             and old.epoch != reg.epoch
             and now - old.last_seen < self.settings.controller_heartbeat_timeout
         ):
-            running = old.registration
-            refusal = (
-                f"instance id '{reg.instance_id}' rank {reg.worker_id} belongs to a running worker "
-                f"(host {running.host or '?'}, pid {running.pid}); give each instance its own "
-                "lmcache_instance_id (this one is retried, and accepted once that worker is gone)"
-            )
+            # two live runs on one rank: every controller keeps the one that started first, so
+            # controllers that heard them in another order still agree
+            if started_first(old.registration, reg):
+                refusal = _duplicate_refusal(reg, old.registration)
+            else:
+                displaced = old.registration
         if refusal is not None:
             if self._refused.get(key) != reg.epoch:  # once per run, not once per retry
                 log.error(
@@ -169,18 +191,32 @@ class Registry(ControllerBase):
             self._refused[key] = reg.epoch  # its heartbeats must not make it register again
             return RegistrationAck(accepted=False, resync=False, detail=refusal)
         self._refused.pop(key, None)
+        if displaced is not None:
+            # the run it knew started after this one: refused now, and asked to register again so
+            # that it hears why (its heartbeats are ignored from now on)
+            log.error(
+                "refused worker %s/%d (epoch %s, host %s, pid %d): %s",
+                displaced.instance_id, displaced.worker_id, displaced.epoch, displaced.host or "?",
+                displaced.pid, _duplicate_refusal(displaced, reg),
+            )
+            self._forget_worker(old)  # type: ignore[arg-type]
+            old = None
+            self._refused[key] = displaced.epoch
+            if self._tg is not None:
+                self._tg.start_soon(self._ask_to_register, displaced)
         hashing: HashingKey = (reg.hashing.scheme, reg.hashing.chunk_size, reg.hashing.namespace)
         if old is not None and old.epoch == reg.epoch and old.hashing == hashing:
-            # the same run registering again (hello, reconnect): keep what is applied, but it
-            # will resync, so wait for the reset
+            # the same run registering again (hello, reconnect): keep what is applied (batches
+            # lost meanwhile show as gaps), unless it says it dropped events it cannot replay
             kept = {name: old.locations[name] for name in reg.locations if name in old.locations}
             for name, loc in old.locations.items():
                 if name not in kept:
                     self.index.remove_holder(loc.holder)
                     self._holders.pop(loc.holder, None)
                     self._layout.drop_holder(loc.holder)
-            for loc in kept.values():
-                loc.awaiting_reset = True
+            if reg.lost_events:
+                for loc in kept.values():
+                    loc.awaiting_reset = True
             locations = {name: kept.get(name) or self._new_location(reg, name) for name in reg.locations}
             for position, loc in enumerate(locations.values()):
                 loc.position = position
@@ -212,7 +248,10 @@ class Registry(ControllerBase):
         group.workers.add(key)
         self.metrics.registrations.inc()
         log.info("worker %s registered (epoch %s, locations %s)", worker.name, reg.epoch, list(locations))
-        return RegistrationAck(accepted=True, resync=True)
+        for loc in locations.values():
+            if loc.awaiting_reset:
+                self._want_inventory(worker, loc)  # recovery.py: paced, answered to us alone
+        return RegistrationAck(accepted=True, resync=False)
 
     async def _on_goodbye(self, msg: Message) -> None:
         ident = self._decode_claim(msg, WorkerIdentity, goodbye_topic, "goodbye")

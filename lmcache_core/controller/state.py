@@ -7,6 +7,8 @@
   goodbyes, expiry, hellos;
 * ``apply.py``: event batches in seq order per location, held batches, gaps and their repair
   (replay, resync);
+* ``recovery.py``: the inventories it lacks, pulled page by page, a bounded window of
+  workers at a time;
 * ``commands.py``: commands to workers (clear, health, the repairs) with deadlines, fan-out
   and ``/check_finish`` ids.
 
@@ -47,6 +49,7 @@ from lmcache_core.controller.records import (
     LocationState,
     WorkerState,
 )
+from lmcache_core.controller.recovery import Recovery
 from lmcache_core.controller.registry import HELLO_MIN_INTERVAL, SUPPORTED_SCHEMES, Registry
 from lmcache_core.errors import TransportError
 from lmcache_core.keys import TokenHasher, as_token_array
@@ -71,7 +74,8 @@ log = logging.getLogger(__name__)
 #: the instance id ``/query_worker_info`` reads as every instance (LMCache's convention)
 ALL_INSTANCES = "all"
 
-class Controller(Registry, EventApplication, Commands, ChunkCommands):
+
+class Controller(Registry, EventApplication, Recovery, Commands, ChunkCommands):
     """Registry of workers and their KV index, plus the operations the HTTP API exposes."""
 
     def __init__(
@@ -86,7 +90,8 @@ class Controller(Registry, EventApplication, Commands, ChunkCommands):
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self, tg: TaskGroup) -> None:
-        """Subscribe to the workers' topics, start housekeeping in ``tg``, and say hello."""
+        """Subscribe to the workers' topics, start housekeeping and the inventory pullers in
+        ``tg``, and say hello."""
         self._tg = tg
         bus = self.bus
         self._events_subscription = await bus.subscribe(EVENTS_WILDCARD, self._on_events)
@@ -97,8 +102,9 @@ class Controller(Registry, EventApplication, Commands, ChunkCommands):
             await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat),
             await bus.subscribe(GOODBYE_WILDCARD, self._on_goodbye),
         ]
-        bus.on_reconnect(self._say_hello)  # batches may have been lost while we were away
+        bus.on_reconnect(self._say_hello)  # runs we dropped meanwhile register again
         await bus.flush()
+        self._start_pullers(tg)  # recovery.py: the hello's registrations queue inventory pulls
         await self._say_hello()
         tg.start_soon(self._housekeeping)
 

@@ -6,6 +6,7 @@ or a worker that never answers. Real serving uses ``lmcache_core.worker``.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from lmcache_core.errors import TransportError
 from lmcache_core.events import EventKind
+from lmcache_core.inventory import InventorySnapshots, SnapshotGone
 from lmcache_core.keys import HASH_SCHEME
 from lmcache_core.transport import Message, MessageBus, Subscription
 from lmcache_core.wire import (
@@ -21,6 +23,7 @@ from lmcache_core.wire import (
     EventBatch,
     HashingParams,
     Heartbeat,
+    InventoryCommand,
     RegistrationAck,
     WorkerIdentity,
     WorkerRegistration,
@@ -50,6 +53,7 @@ class SyntheticWorker:
         model_name: str = "synthetic-model",
     ) -> None:
         self.bus = bus
+        self.chunk_size = chunk_size
         self.ident = WorkerIdentity(instance_id=instance_id, worker_id=worker_id, epoch=uuid.uuid4().hex)
         self.registration = WorkerRegistration(
             **self.ident.model_dump(exclude={"version"}),
@@ -59,8 +63,12 @@ class SyntheticWorker:
             hashing=HashingParams(scheme=HASH_SCHEME, chunk_size=chunk_size),
             locations=list(locations),
             host="synthetic",
+            started_at=time.time(),
         )
         self.seq: dict[str, int] = {name: 0 for name in locations}
+        #: chunk hashes held per location: what an ``inventory`` command is answered with
+        self.inventory: dict[str, np.ndarray] = {name: np.zeros(0, np.uint64) for name in locations}
+        self._snapshots = InventorySnapshots()
         self.commands: list[CommandRequest] = []
         self._sub: Subscription | None = None
 
@@ -71,17 +79,33 @@ class SyntheticWorker:
         return RegistrationAck.decode(raw)
 
     async def serve_commands(self, policy: CommandPolicy | None = None) -> None:
-        """Answer commands on this worker's topic with ``policy`` (default: ok, nothing removed)."""
+        """Answer commands on this worker's topic with ``policy`` (default: ok, nothing removed);
+        ``inventory`` commands are answered from ``inventory`` (as of the last seq numbered)."""
 
         async def handle(msg: Message) -> None:
             request = CommandRequest.decode(msg.payload)
             self.commands.append(request)
-            reply = policy(request) if policy is not None else self.reply(num_tokens=0)
+            if isinstance(request.command, InventoryCommand):
+                reply: CommandReply | None = self.inventory_reply(request.command)
+            else:
+                reply = policy(request) if policy is not None else self.reply(num_tokens=0)
             if reply is not None:
                 await msg.respond(reply.encode())
 
         topic = command_topic(self.ident.instance_id, self.ident.worker_id)
         self._sub = await self.bus.subscribe(topic, handle)
+
+    def inventory_reply(self, command: InventoryCommand) -> CommandReply:
+        """One page of ``inventory`` (the first request snapshots it, as of ``seq``)."""
+        name = command.location
+        snapshot_id = None
+        if command.snapshot is None:
+            hashes = self.inventory.get(name, np.zeros(0, np.uint64))
+            snapshot_id = self._snapshots.take(name, self.seq.get(name, 0), hashes, np.full(len(hashes), self.chunk_size, np.uint32))
+        try:
+            return self.reply(location=name, inventory=self._snapshots.page(command, snapshot_id))
+        except SnapshotGone as exc:
+            return self.reply(ok=False, error_kind="no_snapshot", error=str(exc))
 
     def reply(self, ok: bool = True, **fields: object) -> CommandReply:
         return CommandReply(
