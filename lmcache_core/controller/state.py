@@ -258,6 +258,8 @@ class Controller:
         self._asked: OrderedDict[tuple[str, int, str], float] = OrderedDict()
         #: rank -> epoch of its latest refused registration (one entry per rank at most)
         self._refused: dict[tuple[str, int], str] = {}
+        #: monotonic time of the latest hello to every worker (None: none yet)
+        self._hello_at: float | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self, tg: TaskGroup) -> None:
@@ -288,16 +290,23 @@ class Controller:
 
     async def _say_hello(self) -> None:
         """Ask every worker to register again and resync (a restarted controller recovers)."""
+        self._hello_at = time.monotonic()
         try:
             await self.bus.publish(HELLO_TOPIC, Hello().encode())
         except TransportError as exc:
             log.warning("cannot publish controller.hello: %s", exc)
 
     async def _ask_to_register(self, ident: WorkerIdentity) -> None:
-        """Ask one run of one worker, and nobody else, to register again (at most once a second)."""
+        """Ask one run of one worker, and nobody else, to register again (at most once a second;
+        not within ``controller_heartbeat_timeout`` of a hello to every worker, whose
+        registrations may still be on their way behind the heartbeats)."""
         run = (ident.instance_id, ident.worker_id, ident.epoch)
         now = time.monotonic()
         if now - self._asked.get(run, -HELLO_MIN_INTERVAL) < HELLO_MIN_INTERVAL:
+            return
+        if self._hello_at is not None and now - self._hello_at < max(
+            HELLO_MIN_INTERVAL, self.settings.controller_heartbeat_timeout
+        ):
             return
         self._asked[run] = now
         self._asked.move_to_end(run)
