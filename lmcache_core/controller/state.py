@@ -254,7 +254,8 @@ class Controller:
         self._events_handled = 0
         self._events_progress: anyio.Event | None = None
         self._tg: TaskGroup | None = None
-        #: (instance, rank, epoch) of an unknown run -> when it was last asked to register
+        #: (instance, rank, epoch) of an unknown run -> when it was last asked to register (or
+        #: first heard)
         self._asked: OrderedDict[tuple[str, int, str], float] = OrderedDict()
         #: rank -> epoch of its latest refused registration (one entry per rank at most)
         self._refused: dict[tuple[str, int], str] = {}
@@ -297,21 +298,26 @@ class Controller:
             log.warning("cannot publish controller.hello: %s", exc)
 
     async def _ask_to_register(self, ident: WorkerIdentity) -> None:
-        """Ask one run of one worker, and nobody else, to register again (at most once a second;
-        not within ``controller_heartbeat_timeout`` of a hello to every worker, whose
-        registrations may still be on their way behind the heartbeats)."""
+        """Ask one run of one worker, and nobody else, to register again: once it has been heard
+        unregistered for a second (a run that just started, or that answers a hello, is
+        registering while it heartbeats), at most once a second, and not within
+        ``controller_heartbeat_timeout`` of a hello to every worker, whose registrations may
+        still be on their way behind the heartbeats."""
         run = (ident.instance_id, ident.worker_id, ident.epoch)
         now = time.monotonic()
-        if now - self._asked.get(run, -HELLO_MIN_INTERVAL) < HELLO_MIN_INTERVAL:
-            return
-        if self._hello_at is not None and now - self._hello_at < max(
-            HELLO_MIN_INTERVAL, self.settings.controller_heartbeat_timeout
-        ):
+        last = self._asked.get(run)
+        if last is not None and now - last < HELLO_MIN_INTERVAL:
             return
         self._asked[run] = now
         self._asked.move_to_end(run)
         while len(self._asked) > _HELLO_MEMORY:
             self._asked.popitem(last=False)
+        if last is None:
+            return  # first heard: asked a second later if it has not registered by then
+        if self._hello_at is not None and now - self._hello_at < max(
+            HELLO_MIN_INTERVAL, self.settings.controller_heartbeat_timeout
+        ):
+            return
         topic = hello_topic(ident.instance_id, ident.worker_id)
         try:
             await self.bus.publish(topic, Hello(epoch=ident.epoch).encode())
