@@ -11,8 +11,11 @@ The bound on full resyncs (a worker sending a location's whole inventory) is the
 
 * resyncs a controller asks for to repair a gap (``lmcache_controller_resyncs_total``, the
   fallback when replays do not close it), summed over every controller that ran, are at most
-  one per injected fault: a lost, late or repeated batch is replayed from what the worker
-  retains, or simply waited for, at no resync;
+  one per injected fault (a lost, late or repeated batch is replayed from what the worker
+  retains, or simply waited for, at no resync), plus, for each nats-server restart, one per
+  location of each worker at each controller: a restart loses what was in flight, a
+  registration's answer or its reset batch included, and a controller still waiting for that
+  reset when the gap's grace ends asks for it;
 * registrations (each sends the worker's inventory once) of each worker run are at most one
   for its start, plus one per controller start during its run (that controller's hello), plus
   ``1 + controllers`` per nats-server restart (the worker's reconnect and each controller's
@@ -50,6 +53,9 @@ FAULTS = st.lists(
 )
 #: every client redials quickly after the server restarts
 RECONNECT = {"nats_reconnect_wait": 0.05}
+#: gaps get a short grace; a live worker never looks dead on a loaded host (stopped workers say
+#: goodbye, so nothing here waits for the timeout)
+CONTROLLER = {"controller_gap_grace": 0.3, "controller_heartbeat_timeout": 5.0, **RECONNECT}
 #: restarts of a controller and of the server per example (each costs the fleet a resync)
 MAX_RESTARTS = 2
 SEED = os.environ.get("LMCACHE_MODEL_SEED") or None
@@ -112,11 +118,13 @@ def test_every_controllers_index_equals_the_workers_after_faults_and_restarts(na
             self.controller_restarts = 0
             self.server_restarts = 0
             self.fallback_resyncs = 0  # of controllers that stopped
+            #: resyncs a server restart may cost (what was in flight is lost, answers included)
+            self.restart_losses = 0
             self.over_bound: list[str] = []  # worker runs that registered more than allowed
 
         # --- the parts -------------------------------------------------------------------------
         def _start_controller(self) -> ControllerRunner:
-            runner = ControllerRunner(nats_server.url, controller_settings(controller_gap_grace=0.3, **RECONNECT))
+            runner = ControllerRunner(nats_server.url, controller_settings(**CONTROLLER))
             self.controllers.append(runner.start())
             for run in self.runs.values():
                 run.controller_starts += 1  # its hello: every worker registers again
@@ -213,6 +221,7 @@ def test_every_controllers_index_equals_the_workers_after_faults_and_restarts(na
         def restart_server(self, name: str, store: bool) -> None:
             """The nats-server stops (a worker may store meanwhile) and starts on the same port."""
             self.server_restarts += 1
+            self.restart_losses += len(self.runs) * len(LOCATIONS) * len(self.controllers)
             for run in self.runs.values():
                 run.server_restarts += 1
             nats_server.stop()
@@ -243,7 +252,9 @@ def test_every_controllers_index_equals_the_workers_after_faults_and_restarts(na
                 self._check_registrations(name, run)
             note(f"{self.faults} faults, {resyncs} fallback resyncs, {self.controller_restarts} controller "
                  f"and {self.server_restarts} server restarts")
-            assert resyncs <= self.faults, f"{resyncs} fallback resyncs for {self.faults} injected faults"
+            allowed = self.faults + self.restart_losses
+            assert resyncs <= allowed, f"{resyncs} fallback resyncs for {self.faults} injected faults " \
+                f"and {self.server_restarts} server restarts (at most {allowed})"
             assert not self.over_bound, f"full resyncs over the bound: {self.over_bound}"
 
         def teardown(self) -> None:
