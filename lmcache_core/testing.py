@@ -5,7 +5,7 @@ the same fixtures: a fresh plugin manager, settings bound to a temporary directo
 the NATS transport installed) a real ``nats-server`` on a free port.
 
 ``running_nats_server()`` is the same server as a plain context manager, for benchmarks and
-examples outside pytest. ``FaultyBus`` wraps a connected bus to drop, hold (delay, reorder) or
+examples outside pytest. ``FaultyBus`` wraps a connected bus to drop, hold, delay, reorder or
 duplicate what is published through it, following a ``FaultPlan``.
 """
 
@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
+import anyio
 import pluggy
 import pytest
 
-from lmcache_core.errors import PluginError
+from lmcache_core.errors import PluginError, RequestTimeout
 from lmcache_core.transport import Handler, MessageBus, Subscription
 
 if TYPE_CHECKING:
@@ -91,22 +93,24 @@ def nats_url(nats_server: "NatsServerProcess") -> str:
     return nats_server.url
 
 
-Fault = Literal["pass", "drop", "hold", "duplicate"]
+Fault = Literal["pass", "drop", "hold", "duplicate", "delay", "reorder"]
 
 
 class FaultPlan:
     """What happens to each message published on topics starting with ``prefix`` (default:
     event batches): the next actions in order, then ``then``. Other topics pass.
+    ``delay`` is how long a "delay" holds a message back.
 
     >>> plan = FaultPlan("hold", "drop")
     >>> [plan("events.a.0", b""), plan("heartbeat.a.0", b""), plan("events.a.0", b""), plan("events.a.0", b"")]
     ['hold', 'pass', 'drop', 'pass']
     """
 
-    def __init__(self, *actions: Fault, prefix: str = "events.", then: Fault = "pass") -> None:
+    def __init__(self, *actions: Fault, prefix: str = "events.", then: Fault = "pass", delay: float = 0.1) -> None:
         self.actions: deque[Fault] = deque(actions)
         self.prefix = prefix
         self.then = then
+        self.delay = delay
 
     def __call__(self, topic: str, payload: bytes) -> Fault:
         if not topic.startswith(self.prefix):
@@ -116,14 +120,30 @@ class FaultPlan:
 
 class FaultyBus(MessageBus):
     """``inner`` with faults injected into what is published through it: ``plan(topic,
-    payload)`` says "pass", "drop", "duplicate" (published twice) or "hold" (kept until
-    ``release()``: a delay; released in reverse, a reorder). Everything else is ``inner``'s."""
+    payload)`` says
+
+    * "pass", "drop", or "duplicate" (published twice);
+    * "hold": kept until ``release()`` (a delay; released in reverse, a reorder);
+    * "delay": kept for ``plan.delay`` seconds (default 0.1), then published by the first
+      publish through this bus after that (a worker's heartbeats publish every interval), so
+      what was published meanwhile overtakes it;
+    * "reorder": kept until the next message the plan lets through (its topic prefix), then
+      published right after it: the two arrive swapped.
+
+    Nothing runs in the background: what is kept goes out on a later ``publish`` or on
+    ``release()``, which sends everything still kept. A request meets "delay" (sent late) and
+    "drop" (it times out). Everything else is ``inner``'s.
+    """
 
     def __init__(self, inner: MessageBus, plan: Callable[[str, bytes], Fault]) -> None:
         self.inner = inner
         self.plan = plan
         self.held: list[tuple[str, bytes]] = []
         self.dropped: list[tuple[str, bytes]] = []
+        #: "delay"ed messages and the monotonic time each may go
+        self.delayed: list[tuple[float, str, bytes]] = []
+        #: "reorder"ed messages, waiting for the next one to overtake them
+        self.swapped: list[tuple[str, bytes]] = []
 
     async def publish(self, topic: str, payload: bytes) -> None:
         action = self.plan(topic, payload)
@@ -131,19 +151,56 @@ class FaultyBus(MessageBus):
             self.dropped.append((topic, payload))
         elif action == "hold":
             self.held.append((topic, payload))
+        elif action == "delay":
+            delay = getattr(self.plan, "delay", 0.1)
+            self.delayed.append((time.monotonic() + delay, topic, payload))
+        elif action == "reorder":
+            self.swapped.append((topic, payload))
         else:
             await self.inner.publish(topic, payload)
             if action == "duplicate":
                 await self.inner.publish(topic, payload)
+            if self.swapped and topic.startswith(getattr(self.plan, "prefix", "")):
+                swapped, self.swapped = self.swapped, []
+                for kept in swapped:
+                    await self.inner.publish(*kept)
+        await self._publish_due()
+
+    async def _publish_due(self) -> None:
+        if not self.delayed:
+            return
+        now = time.monotonic()
+        due = [item for item in self.delayed if item[0] <= now]
+        if due:
+            self.delayed = [item for item in self.delayed if item[0] > now]
+            for _, topic, payload in due:
+                await self.inner.publish(topic, payload)
+
+    @property
+    def kept(self) -> int:
+        """Messages held, delayed or waiting to be overtaken, not yet published."""
+        return len(self.held) + len(self.delayed) + len(self.swapped)
 
     async def release(self, reverse: bool = False) -> int:
-        """Publish what was held (oldest first, or newest first); returns how many."""
+        """Publish what was held (oldest first, or newest first), then whatever a "delay" or
+        "reorder" still keeps; returns how many."""
         held, self.held = self.held, []
-        for topic, payload in reversed(held) if reverse else held:
+        rest = [(topic, payload) for _, topic, payload in self.delayed] + self.swapped
+        self.delayed, self.swapped = [], []
+        for topic, payload in [*(reversed(held) if reverse else held), *rest]:
             await self.inner.publish(topic, payload)
-        return len(held)
+        return len(held) + len(rest)
 
     async def request(self, topic: str, payload: bytes, timeout: float) -> bytes:
+        """``inner``'s request, sent ``plan.delay`` seconds late on "delay"; on "drop" nobody
+        hears it (``RequestTimeout`` after ``timeout``). Other actions let a request through."""
+        action = self.plan(topic, payload)
+        if action == "drop":
+            self.dropped.append((topic, payload))
+            await anyio.sleep(timeout)
+            raise RequestTimeout(f"request on {topic} dropped by the fault plan")
+        if action == "delay":
+            await anyio.sleep(getattr(self.plan, "delay", 0.1))
         return await self.inner.request(topic, payload, timeout)
 
     async def subscribe(self, topic: str, handler: Handler) -> Subscription:

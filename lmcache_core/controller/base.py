@@ -56,8 +56,11 @@ class ControllerBase:
         self._groups: dict[HashingKey, HashingGroup] = {}
         #: what lookups need about every live holder, as arrays
         self._layout = LayoutTable()
-        #: (instance, rank, epoch) of an unknown run -> when it was last asked to register
+        #: (instance, rank, epoch) of an unknown run -> when it was last asked to register (or
+        #: first heard)
         self._asked: OrderedDict[tuple[str, int, str], float] = OrderedDict()
+        #: monotonic time of the latest hello to every worker (None: none yet)
+        self._hello_at: float | None = None
         #: rank -> epoch of its latest refused registration (one entry per rank at most)
         self._refused: dict[tuple[str, int], str] = {}
         # --- the recovery's (recovery.py) ---

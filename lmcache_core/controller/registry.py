@@ -77,21 +77,35 @@ class Registry(ControllerBase):
     async def _say_hello(self) -> None:
         """Ask every worker to register again (a restarted controller recovers: it pulls the
         inventories it lacks, paced; the other controllers keep what they have)."""
+        self._hello_at = time.monotonic()
         try:
             await self.bus.publish(HELLO_TOPIC, Hello().encode())
         except TransportError as exc:
             log.warning("cannot publish controller.hello: %s", exc)
 
-    async def _ask_to_register(self, ident: WorkerIdentity) -> None:
-        """Ask one run of one worker, and nobody else, to register again (at most once a second)."""
+    async def _ask_to_register(self, ident: WorkerIdentity, at_once: bool = False) -> None:
+        """Ask one run of one worker, and nobody else, to register again: once it has been heard
+        unregistered for a second (a run that just started, or that answers a hello, is
+        registering while it heartbeats), at most once a second, and not within
+        ``controller_heartbeat_timeout`` of a hello to every worker, whose registrations may
+        still be on their way behind the heartbeats. ``at_once``: a run this controller has
+        just displaced (a duplicate id) is asked now, so that it hears why."""
         run = (ident.instance_id, ident.worker_id, ident.epoch)
         now = time.monotonic()
-        if now - self._asked.get(run, -HELLO_MIN_INTERVAL) < HELLO_MIN_INTERVAL:
+        last = self._asked.get(run)
+        if last is not None and now - last < HELLO_MIN_INTERVAL:
             return
         self._asked[run] = now
         self._asked.move_to_end(run)
         while len(self._asked) > _HELLO_MEMORY:
             self._asked.popitem(last=False)
+        if not at_once:
+            if last is None:
+                return  # first heard: asked a second later if it has not registered by then
+            if self._hello_at is not None and now - self._hello_at < max(
+                HELLO_MIN_INTERVAL, self.settings.controller_heartbeat_timeout
+            ):
+                return
         topic = hello_topic(ident.instance_id, ident.worker_id)
         try:
             await self.bus.publish(topic, Hello(epoch=ident.epoch).encode())
@@ -203,7 +217,7 @@ class Registry(ControllerBase):
             old = None
             self._refused[key] = displaced.epoch
             if self._tg is not None:
-                self._tg.start_soon(self._ask_to_register, displaced)
+                self._tg.start_soon(self._ask_to_register, displaced, True)
         hashing: HashingKey = (reg.hashing.scheme, reg.hashing.chunk_size, reg.hashing.namespace)
         if old is not None and old.epoch == reg.epoch and old.hashing == hashing:
             # the same run registering again (hello, reconnect): keep what is applied (batches

@@ -378,3 +378,9 @@ class ControllerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def metric(controller: Any, name: str, *labels: str) -> float:
+    """The value of one of a controller's Prometheus counters (with ``labels`` when it has some)."""
+    counter = getattr(controller.metrics, name)
+    return (counter.labels(*labels) if labels else counter)._value.get()

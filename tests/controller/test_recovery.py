@@ -28,7 +28,7 @@ from lmcache_core.testing import free_port, running_nats_server
 from lmcache_core.transport import Message, MessageBus
 from lmcache_core.wire import HELLO_TOPIC, Hello, hello_topic
 
-from .support import controller_settings
+from .support import controller_settings, metric
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -98,11 +98,6 @@ async def converge(controller: Controller, fleet: Fleet, timeout: float = 60.0) 
 def slow_consumers(monitor: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/varz", timeout=5) as resp:
         return int(json.load(resp)["slow_consumers"])
-
-
-def metric(controller: Controller, name: str, *labels: str) -> float:
-    counter = getattr(controller.metrics, name)
-    return (counter.labels(*labels) if labels else counter)._value.get()
 
 
 @pytest.fixture
