@@ -60,6 +60,7 @@ class ControllerBase:
         self._asked: OrderedDict[tuple[str, int, str], float] = OrderedDict()
         #: rank -> epoch of its latest refused registration (one entry per rank at most)
         self._refused: dict[tuple[str, int], str] = {}
+        self._heartbeat_subscription: Subscription | None = None
         # --- the recovery's (recovery.py) ---
         #: locations whose inventory is to be pulled, oldest first, and an event set when one is added
         self._to_pull: deque[tuple[WorkerState, LocationState]] = deque()

@@ -104,7 +104,24 @@ class Registry(ControllerBase):
         period = min(max(timeout / 10, 0.02), 0.5)
         while True:
             await anyio.sleep(period)
-            self.expire_workers(time.monotonic() - timeout)
+            if any(w.last_seen < time.monotonic() - timeout for w in self.workers.values()):
+                await self._received_heartbeats_handled(timeout, period)
+                self.expire_workers(time.monotonic() - timeout)
+
+    async def _received_heartbeats_handled(self, timeout: float, period: float) -> None:
+        """Wait (up to ``timeout``) until the heartbeats received so far were handled: a
+        controller that fell behind (a long index operation, a busy machine) must not drop the
+        workers whose heartbeats are waiting in its own queue, and pull them all again."""
+        sub = self._heartbeat_subscription
+        if sub is None:
+            return
+        with anyio.move_on_after(timeout):
+            try:
+                await self.bus.flush(timeout)  # what the server sent before this is now queued
+            except TransportError:
+                return
+            while sub.pending():
+                await anyio.sleep(period / 10)  # the handler drains the queue meanwhile
 
     def expire_workers(self, deadline: float) -> list[str]:
         """Remove every worker last seen before ``deadline`` (monotonic); returns their names."""

@@ -89,11 +89,12 @@ class Controller(Registry, EventApplication, Recovery, Commands):
         self._tg = tg
         bus = self.bus
         self._events_subscription = await bus.subscribe(EVENTS_WILDCARD, self._on_events)
+        self._heartbeat_subscription = await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat)
         self._subscriptions = [
             await bus.subscribe(REGISTER_WILDCARD, self._on_register),
             await bus.subscribe(LEGACY_REGISTER_TOPIC, self._on_legacy_register),
             self._events_subscription,
-            await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat),
+            self._heartbeat_subscription,
             await bus.subscribe(GOODBYE_WILDCARD, self._on_goodbye),
         ]
         bus.on_reconnect(self._say_hello)  # runs we dropped meanwhile register again
