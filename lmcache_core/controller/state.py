@@ -31,12 +31,9 @@ from typing import Any
 import numpy as np
 from anyio.abc import TaskGroup
 
-from lmcache_core.config import LMCacheSettings
 from lmcache_core.controller.apply import MAX_HELD_BATCHES, REPLAYS_BEFORE_RESYNC, EventApplication
 from lmcache_core.controller.commands import Commands
 from lmcache_core.controller.errors import TooManyTokensError, UnknownWorkerError
-from lmcache_core.controller.index import KVIndex
-from lmcache_core.controller.metrics import ControllerMetrics
 from lmcache_core.controller.models import InstanceInfo, LocationInfo, WorkerInfo
 from lmcache_core.controller.records import (
     EVENT_HISTORY,
@@ -51,7 +48,6 @@ from lmcache_core.controller.recovery import Recovery
 from lmcache_core.controller.registry import HELLO_MIN_INTERVAL, SUPPORTED_SCHEMES, Registry
 from lmcache_core.errors import TransportError
 from lmcache_core.keys import TokenHasher, as_token_array
-from lmcache_core.transport import MessageBus
 from lmcache_core.wire import (
     EVENTS_WILDCARD,
     GOODBYE_WILDCARD,
@@ -71,16 +67,6 @@ log = logging.getLogger(__name__)
 
 class Controller(Registry, EventApplication, Recovery, Commands):
     """Registry of workers and their KV index, plus the operations the HTTP API exposes."""
-
-    def __init__(
-        self,
-        settings: LMCacheSettings,
-        bus: MessageBus,
-        index: KVIndex | None = None,
-        metrics: ControllerMetrics | None = None,
-    ) -> None:
-        super().__init__(settings, bus, index, metrics)
-        self.metrics.watch(self._metrics_snapshot)
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self, tg: TaskGroup) -> None:
@@ -212,17 +198,3 @@ class Controller(Registry, EventApplication, Recovery, Commands):
                 )
             )
         return out
-
-    def _metrics_snapshot(self) -> dict[str, Any]:
-        locations: dict[str, tuple[int, int]] = {}
-        for meta in self._holders.values():
-            loc = meta.loc
-            chunks, tokens = self.index.holder_stats(loc.holder)
-            old = locations.get(loc.name, (0, 0))
-            locations[loc.name] = (old[0] + chunks, old[1] + tokens)
-        return {
-            "workers": len(self.workers),
-            "instances": len(self.instances),
-            "locations": locations,
-            "entries": self.index.num_entries(),
-        }
