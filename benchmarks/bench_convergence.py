@@ -175,6 +175,7 @@ class Fleet:
         self.inventories = [0] * workers  # sent: pushed as reset batches, or a snapshot pulled
         self.hellos_all = 0
         self.hellos_one = 0
+        self.command_seconds = 0.0  # spent answering commands (the fleet answers one at a time)
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -193,6 +194,13 @@ class Fleet:
                     tg.start_soon(worker.register)
 
             async def on_command(msg: Message) -> None:
+                t0 = time.perf_counter()
+                try:
+                    await answer(msg)
+                finally:
+                    self.command_seconds += time.perf_counter() - t0
+
+            async def answer(msg: Message) -> None:
                 request = CommandRequest.decode(msg.payload)
                 worker = self.by_instance[msg.topic.split(".")[1]]
                 command = request.command
@@ -236,6 +244,7 @@ class Fleet:
             out = {
                 "hellos_all": self.hellos_all, "hellos_one": self.hellos_one,
                 "registrations": self.registrations, "inventories": self.inventories,
+                "command_seconds": self.command_seconds,
                 "chunks": [len(w.hashes) for w in self.workers],
             }
             print(json.dumps(out), flush=True)
@@ -460,6 +469,8 @@ async def run(args: argparse.Namespace) -> None:
          f"{batches:,} x {batch_bytes:,} B at {base_batch.messages_per_s:,.0f} msgs/s (delivery only, floor)"),
         ("    hellos to the whole fleet / to one worker", f"{fleet_hellos} / {targeted}", "1 fleet-wide expected: the new controller's"),
         ("    registrations / inventories sent", f"{registered:,} / {resent:,}", f"{args.workers:,} workers: 1 each at best"),
+        ("    fleet process busy answering inventory commands (s)", f"{counts['command_seconds'] - counts_before['command_seconds']:.2f}",
+         "one process answers every worker's commands, one at a time"),
         ("    inventory pulls running at once, at most", f"{most_pulls}",
          f"controller_recovery_window {settings.controller_recovery_window} (one page each in flight)"),
         ("    nats-server slow consumers (clients cut off) since", f"{slow_consumers}", f"target 0: {verdict(slow_consumers == 0)}"),

@@ -63,6 +63,7 @@ class ControllerBase:
         self._hello_at: float | None = None
         #: rank -> epoch of its latest refused registration (one entry per rank at most)
         self._refused: dict[tuple[str, int], str] = {}
+        self._heartbeat_subscription: Subscription | None = None
         # --- the recovery's (recovery.py) ---
         #: locations whose inventory is to be pulled, oldest first, and an event set when one is added
         self._to_pull: deque[tuple[WorkerState, LocationState]] = deque()
@@ -72,6 +73,21 @@ class ControllerBase:
         #: event-batch messages handled so far, and an event set when that count moves
         self._events_handled = 0
         self._events_progress: anyio.Event | None = None
+        self.metrics.watch(self._metrics_snapshot)
+
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        locations: dict[str, tuple[int, int]] = {}
+        for meta in self._holders.values():
+            loc = meta.loc
+            chunks, tokens = self.index.holder_stats(loc.holder)
+            old = locations.get(loc.name, (0, 0))
+            locations[loc.name] = (old[0] + chunks, old[1] + tokens)
+        return {
+            "workers": len(self.workers),
+            "instances": len(self.instances),
+            "locations": locations,
+            "entries": self.index.num_entries(),
+        }
 
     def _decode_claim(
         self, msg: Message, model: type[_Claim], topic_of: Callable[[str, int], str], what: str

@@ -10,8 +10,8 @@ controller receives it and at most one page per puller is ever in flight. The fi
 names the snapshot's ``seq``: batches up to it are in the snapshot, the ones after it are
 held meanwhile (``apply.py``) and applied on top once it is installed.
 
-A pull that fails (the worker does not answer, or answers nonsense) leaves the location waiting;
-the gap's repair (``apply.py``) pulls it again after its grace period.
+A pull that fails (the worker does not answer, or answers nonsense) leaves the location waiting
+and is queued again after ``controller_gap_grace``, as long as the worker is registered.
 """
 
 from __future__ import annotations
@@ -104,11 +104,21 @@ class Recovery(ControllerBase):
         except LMCacheError as exc:
             self.events.finish(event_id, ok=False, detail=str(exc))
             self.metrics.inventories_pulled.labels("failed").inc()
-            log.warning("pulling the inventory of %s at %s failed (pulled again after the gap's grace): %s",
-                        worker.name, loc.name, exc)
+            log.warning("pulling the inventory of %s at %s failed (pulled again after %g s): %s",
+                        worker.name, loc.name, self.settings.controller_gap_grace, exc)
+            if self._tg is not None:
+                self._tg.start_soon(self._pull_again, worker, loc)
             return
         self.events.finish(event_id)
         self._install(worker, loc, pages)
+
+    async def _pull_again(self, worker: WorkerState, loc: LocationState) -> None:
+        """After a failed pull: queue it again once the gap's grace has passed, if still needed
+        (a worker that left is dropped by its heartbeats; a reset batch may have come)."""
+        await anyio.sleep(self.settings.controller_gap_grace)
+        current = self._current(worker, loc)
+        if current is not None and loc.awaiting_reset:
+            self._want_inventory(current, loc)
 
     def _page_of(
         self, worker: WorkerState, loc: LocationState, reply: CommandReply, offset: int, snapshot: str | None

@@ -118,7 +118,29 @@ class Registry(ControllerBase):
         period = min(max(timeout / 10, 0.02), 0.5)
         while True:
             await anyio.sleep(period)
-            self.expire_workers(time.monotonic() - timeout)
+            if any(w.last_seen < time.monotonic() - timeout for w in self.workers.values()):
+                if await self._caught_up_with_heartbeats(timeout, period):
+                    self.expire_workers(time.monotonic() - timeout)
+
+    async def _caught_up_with_heartbeats(self, timeout: float, period: float) -> bool:
+        """Whether the heartbeats received so far were all handled (waiting up to ``timeout``).
+
+        A controller that fell behind (a long index operation, a busy machine) or lost its bus
+        cannot tell a silent worker from one whose heartbeats wait in its own queue: it drops
+        nobody then, rather than dropping the fleet and pulling it all again.
+        """
+        sub = self._heartbeat_subscription
+        if sub is None:
+            return True
+        with anyio.move_on_after(timeout):
+            try:
+                await self.bus.flush(timeout)  # what the server sent before this is now queued
+            except TransportError:
+                return False
+            while sub.pending():
+                await anyio.sleep(period / 10)  # the handler drains the queue meanwhile
+            return True
+        return False
 
     def expire_workers(self, deadline: float) -> list[str]:
         """Remove every worker last seen before ``deadline`` (monotonic); returns their names."""

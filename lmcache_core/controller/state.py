@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 from anyio.abc import TaskGroup
 
-from lmcache_core.config import LMCacheSettings
 from lmcache_core.controller.apply import MAX_HELD_BATCHES, REPLAYS_BEFORE_RESYNC, EventApplication
 from lmcache_core.controller.chunk_commands import ChunkCommands
 from lmcache_core.controller.commands import Commands
@@ -53,7 +52,6 @@ from lmcache_core.controller.recovery import Recovery
 from lmcache_core.controller.registry import HELLO_MIN_INTERVAL, SUPPORTED_SCHEMES, Registry
 from lmcache_core.errors import TransportError
 from lmcache_core.keys import TokenHasher, as_token_array
-from lmcache_core.transport import MessageBus
 from lmcache_core.wire import (
     EVENTS_WILDCARD,
     GOODBYE_WILDCARD,
@@ -78,16 +76,6 @@ ALL_INSTANCES = "all"
 class Controller(Registry, EventApplication, Recovery, Commands, ChunkCommands):
     """Registry of workers and their KV index, plus the operations the HTTP API exposes."""
 
-    def __init__(
-        self,
-        settings: LMCacheSettings,
-        bus: MessageBus,
-        index: KVIndex | None = None,
-        metrics: ControllerMetrics | None = None,
-    ) -> None:
-        super().__init__(settings, bus, index, metrics)
-        self.metrics.watch(self._metrics_snapshot)
-
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self, tg: TaskGroup) -> None:
         """Subscribe to the workers' topics, start housekeeping and the inventory pullers in
@@ -95,11 +83,12 @@ class Controller(Registry, EventApplication, Recovery, Commands, ChunkCommands):
         self._tg = tg
         bus = self.bus
         self._events_subscription = await bus.subscribe(EVENTS_WILDCARD, self._on_events)
+        self._heartbeat_subscription = await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat)
         self._subscriptions = [
             await bus.subscribe(REGISTER_WILDCARD, self._on_register),
             await bus.subscribe(LEGACY_REGISTER_TOPIC, self._on_legacy_register),
             self._events_subscription,
-            await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat),
+            self._heartbeat_subscription,
             await bus.subscribe(GOODBYE_WILDCARD, self._on_goodbye),
         ]
         bus.on_reconnect(self._say_hello)  # runs we dropped meanwhile register again
@@ -224,17 +213,3 @@ class Controller(Registry, EventApplication, Recovery, Commands, ChunkCommands):
                 )
             )
         return out
-
-    def _metrics_snapshot(self) -> dict[str, Any]:
-        locations: dict[str, tuple[int, int]] = {}
-        for meta in self._holders.values():
-            loc = meta.loc
-            chunks, tokens = self.index.holder_stats(loc.holder)
-            old = locations.get(loc.name, (0, 0))
-            locations[loc.name] = (old[0] + chunks, old[1] + tokens)
-        return {
-            "workers": len(self.workers),
-            "instances": len(self.instances),
-            "locations": locations,
-            "entries": self.index.num_entries(),
-        }

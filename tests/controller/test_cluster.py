@@ -98,7 +98,7 @@ def test_two_controllers_on_a_nats_cluster_answer_alike_and_survive_losing_a_nod
         a.close()
         a = stack.enter_context(ControllerProcess(f"{n0},{n1}", env=CLUSTER_ENV))
         views["A"] = a.client
-        # its hello makes every worker register again and resync; B keeps answering meanwhile
+        # its hello makes every worker register again, and it pulls their inventories; B keeps answering meanwhile
         assert b.lookup(PROMPT) == after
         wait_for(lambda: _converged(views, _inventories(w1, w2)), timeout=15, what="the restarted A converges")
         assert a.lookup(OTHER) == b.lookup(OTHER)

@@ -201,3 +201,18 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     with anyio.fail_after(timeout):
         while not predicate():
             await anyio.sleep(0.01)  # poll interval of a deadline-bounded poll
+
+
+async def test_a_pull_that_found_nobody_is_tried_again_until_the_worker_answers(nats_url: str) -> None:
+    settings = recovery_settings(controller_gap_grace=0.2)
+    pm = get_plugin_manager()
+    async with await resolve_transport(pm, "nats").connect(settings, nats_url) as bus:
+        worker = SyntheticWorker(bus, "late")
+        worker.inventory[CPU] = np.arange(1, 101, dtype=np.uint64)  # restored from disk: no batch yet
+        async with running_controller(settings, nats_url=nats_url, pm=pm) as handle:
+            controller = handle.controller
+            assert (await worker.register()).accepted
+            await until(lambda: metric(controller, "inventories_pulled", "failed") >= 1)  # nobody answers yet
+            await worker.serve_commands()
+            await until(lambda: indexed(controller) == {"late": 100})
+            assert metric(controller, "inventories_pulled", "installed") == 1

@@ -17,6 +17,7 @@ from lmcache_core.wire import (
     ClearCommand,
     EventBatch,
     Hello,
+    InventoryCommand,
     LookupCommand,
     PingCommand,
     RegistrationAck,
@@ -207,6 +208,31 @@ def test_resync_command_resends_the_inventory_with_reset(
     assert held_by(peer.batches_for(CPU, worker.identity.epoch)) == set(
         TokenHasher(256).hashes(PROMPT)
     )
+
+
+def test_inventory_pages_answer_one_snapshot_as_of_the_last_batch_published(
+    make_settings, make_instance, peer
+) -> None:
+    instance, worker, _ = _registered_holding_prompt(make_settings, make_instance)
+    long_prompt = list(range(10_000, 10_000 + 12 * 256))
+    instance.engine.store(long_prompt, kv(len(long_prompt)))  # 12 chunks more, still pending
+    first = peer.command(InventoryCommand(location=CPU, limit=5))
+    assert first.ok and first.inventory is not None
+    page = first.inventory
+    # pending events went out first: the snapshot holds every batch up to its seq
+    assert (page.location, page.offset, page.total, page.seq) == (CPU, 0, 13, worker.last_seq()[CPU])
+    instance.engine.store(list(range(5000, 5256)), kv(256))  # after the snapshot: not in it
+    hashes = list(page.arrays()[0])
+    while len(hashes) < page.total:
+        nxt = peer.command(InventoryCommand(location=CPU, snapshot=page.snapshot, offset=len(hashes), limit=5))
+        assert nxt.ok and nxt.inventory.snapshot == page.snapshot and nxt.inventory.offset == len(hashes)
+        hashes += list(nxt.inventory.arrays()[0])
+    assert sorted(hashes) == sorted(TokenHasher(256).hashes(PROMPT) + TokenHasher(256).hashes(long_prompt))
+    # the last page was answered: the snapshot is gone, and asking again says so
+    gone = peer.command(InventoryCommand(location=CPU, snapshot=page.snapshot, offset=0, limit=5))
+    assert (gone.ok, gone.error_kind) == (False, "no_snapshot")
+    unknown = peer.command(InventoryCommand(location="Nowhere"))
+    assert unknown.error_kind == "unknown_location"
 
 
 def test_a_replay_publishes_the_retained_batches_of_the_range_again_unchanged(
