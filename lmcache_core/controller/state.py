@@ -53,6 +53,8 @@ from lmcache_core.controller.errors import (
     UnknownWorkerError,
     WorkerUnavailableError,
 )
+from lmcache_core.controller.activity import Activity
+from lmcache_core.controller.feed import EventFeed
 from lmcache_core.controller.index import KVIndex
 from lmcache_core.controller.layout import LayoutTable
 from lmcache_core.controller.metrics import ControllerMetrics
@@ -146,6 +148,7 @@ class WorkerState:
     registered_at: float
     last_seen: float  # monotonic
     last_heartbeat_time: float = 0.0  # unix
+    last_beat: Heartbeat | None = None  # its latest heartbeat (bytes used per location)
 
     @property
     def instance_id(self) -> str:
@@ -241,6 +244,8 @@ class Controller:
         self.metrics = metrics if metrics is not None else ControllerMetrics()
         self.metrics.watch(self._metrics_snapshot)
         self.events = EventLog()
+        self.feed = EventFeed()  # what the web page shows live
+        self.activity = Activity(self.metrics.request_latency)  # the page's rates
         self.workers: dict[tuple[str, int], WorkerState] = {}
         self.instances: dict[str, dict[int, WorkerState]] = {}
         #: holder id -> what lookups need about it, precomputed so the hot loop reads tuples
@@ -326,6 +331,7 @@ class Controller:
             self.metrics.worker_removal_seconds.observe(time.perf_counter() - started)
             self.metrics.workers_expired.inc()
             log.warning("worker %s missed its heartbeats; removed from the index", worker.name)
+            self.feed.worker_event("lost", worker.instance_id, worker.worker_id, "missed its heartbeats; removed")
         return [w.name for w in dead]
 
     def _forget_worker(self, worker: WorkerState) -> None:
@@ -428,6 +434,7 @@ class Controller:
                     "refused worker %s/%d (epoch %s, host %s, pid %d): %s",
                     reg.instance_id, reg.worker_id, reg.epoch, reg.host or "?", reg.pid, refusal,
                 )
+                self.feed.worker_event("refused", reg.instance_id, reg.worker_id, f"refused: {refusal}")
             self._refused[key] = reg.epoch  # its heartbeats must not make it register again
             return RegistrationAck(accepted=False, resync=False, detail=refusal)
         self._refused.pop(key, None)
@@ -474,6 +481,7 @@ class Controller:
         group.workers.add(key)
         self.metrics.registrations.inc()
         log.info("worker %s registered (epoch %s, locations %s)", worker.name, reg.epoch, list(locations))
+        self.feed.worker_event("registered", reg.instance_id, reg.worker_id, f"registered ({', '.join(locations)})")
         return RegistrationAck(accepted=True, resync=True)
 
     async def _on_goodbye(self, msg: Message) -> None:
@@ -495,6 +503,7 @@ class Controller:
         self._forget_worker(worker)
         self.metrics.workers_left.inc()
         log.info("worker %s stopped; removed from the index", worker.name)
+        self.feed.worker_event("left", worker.instance_id, worker.worker_id, "stopped; removed")
         return True
 
     def _describe_instance(self, instance_id: str) -> None:
@@ -602,6 +611,7 @@ class Controller:
                 self.index.apply(loc.holder, kinds, hashes, tokens)
         loc.applied_seq = batch.seq
         self.metrics.events_applied.inc(len(kinds))
+        self.feed.applied(batch.instance_id, batch.worker_id, batch.location, batch.reset, kinds, tokens)
 
     def _drain(self, worker: WorkerState, loc: LocationState) -> None:
         """Apply the held batches that are next in order now; close or keep the gap."""
@@ -677,6 +687,7 @@ class Controller:
             return
         worker.last_seen = time.monotonic()
         worker.last_heartbeat_time = time.time()
+        worker.last_beat = beat
         for name, loc in worker.locations.items():
             # the batches announced may only be delayed: the gap's grace period decides
             loc.known_seq = max(loc.known_seq, beat.last_seq.get(name, 0))
