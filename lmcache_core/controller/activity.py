@@ -26,7 +26,8 @@ class _Sample(NamedTuple):
     hits: int
     tokens: int
     matched: int
-    requests: dict[str, int]  # running total per route
+    requests: int  # running total, every route
+    routes: dict[str, int]  # running total per route
 
 
 class Activity:
@@ -53,7 +54,8 @@ class Activity:
     def sample(self, now: float | None = None) -> None:
         """Record the running totals (once a second)."""
         now = time.time() if now is None else now
-        self._samples.append(_Sample(now, self.lookups, self.hits, self.tokens, self.matched, self._requests()))
+        routes = self._requests()
+        self._samples.append(_Sample(now, self.lookups, self.hits, self.tokens, self.matched, sum(routes.values()), routes))
 
     def _requests(self) -> dict[str, int]:
         totals: dict[str, int] = {}
@@ -68,21 +70,23 @@ class Activity:
         lookups, hits, tokens, matched tokens and requests within it; plus requests per route
         over the last ``ROUTE_SPAN_SECONDS``."""
         samples = list(self._samples)
-        out: dict[str, Any] = {key: [] for key in ("time", "seconds", "lookups", "hits", "tokens", "matched", "requests")}
-        for before, after in zip(samples, samples[1:]):
-            out["time"].append(round(after.time, 3))
-            out["seconds"].append(round(after.time - before.time, 3))
-            for key in ("lookups", "hits", "tokens", "matched"):
-                out[key].append(getattr(after, key) - getattr(before, key))
-            out["requests"].append(sum(after.requests.values()) - sum(before.requests.values()))
+        pairs = list(zip(samples, samples[1:]))
+        out: dict[str, Any] = {
+            "time": [round(after.time, 3) for _, after in pairs],
+            "seconds": [round(after.time - before.time, 3) for before, after in pairs],
+        }
+        for field in ("lookups", "hits", "tokens", "matched", "requests"):
+            column = [getattr(s, field) for s in samples]
+            out[field] = [b - a for a, b in zip(column, column[1:])]
         routes: dict[str, int] = {}
-        if len(samples) > 1:
+        span = 0.0
+        if pairs:
             last = samples[-1]
-            first = next((s for s in samples if last.time - s.time <= ROUTE_SPAN_SECONDS), samples[0])
-            for route, total in last.requests.items():
-                count = total - first.requests.get(route, 0)
-                if count:
-                    routes[route] = count
+            first = next(s for s in samples if last.time - s.time <= ROUTE_SPAN_SECONDS)
+            span = last.time - first.time
+            for route, total in last.routes.items():
+                if total > first.routes.get(route, 0):
+                    routes[route] = total - first.routes.get(route, 0)
         out["routes"] = dict(sorted(routes.items(), key=lambda item: -item[1]))
-        out["route_span_seconds"] = round(samples[-1].time - first.time, 3) if len(samples) > 1 else 0.0
+        out["route_span_seconds"] = round(span, 3)
         return out
