@@ -1,12 +1,13 @@
 """The controller's live event feed: what operators watch on the web page (``/page/events``).
 
 The controller calls ``EventFeed`` from its event loop at the moments worth showing: a worker
-registered, was refused, left or was lost, and, per applied event batch, what it stored,
-evicted or cleared (``applied``). ``publish`` never waits: each subscriber has a bounded
-buffer, and one that falls ``SUBSCRIBER_BUFFER`` events behind is dropped (its stream ends; the
-page reconnects and asks for what it missed by id). Batches are tallied and published once a
-second per (instance, location) by ``flush``, so a busy fleet makes a few events a second, not
-one per chunk; clears are published at once.
+registered, was refused, left or was lost, and each applied event batch (``applied``).
+``publish`` never waits: each subscriber has a bounded buffer, and one that falls
+``SUBSCRIBER_BUFFER`` events behind is dropped (its stream ends; the page reconnects and asks
+for what it missed by id). Batches are counted and published once a second (``flush``): what
+each rank cleared, and what each (instance, location) stored, evicted and resynced, so a busy
+fleet makes a few events a second, not one per chunk, and a batch's own path pays only for
+keeping a reference to its arrays.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ RECENT_EVENTS = 500
 SUBSCRIBER_BUFFER = 1000
 #: subscribers at once (more: ``TooManySubscribersError``)
 MAX_SUBSCRIBERS = 64
+#: batches kept uncounted at most (a busy second is counted in several goes)
+MAX_PENDING_BATCHES = 4096
 
 _ADMIT, _EVICT, _CLEAR = int(EventKind.ADMIT), int(EventKind.EVICT), int(EventKind.CLEAR)
 _KINDS = max(_ADMIT, _EVICT, _CLEAR) + 1
@@ -69,6 +72,8 @@ class EventFeed:
         self._max_subscribers = max_subscribers
         self._subscribers: set[MemoryObjectSendStream[dict[str, Any]]] = set()
         self._tallies: dict[tuple[str, str], _Tally] = {}
+        #: batches applied since they were last counted (instance, rank, location, reset, kinds, tokens)
+        self._pending: list[tuple[str, int, str, bool, np.ndarray, np.ndarray]] = []
         self.dropped = 0  # subscribers dropped for being too slow
 
     @property
@@ -135,30 +140,46 @@ class EventFeed:
 
     def applied(self, instance_id: str, worker_id: int, location: str, reset: bool,
                 kinds: np.ndarray, tokens: np.ndarray) -> None:
-        """One event batch was applied: tally its admits and evictions, publish its clears."""
-        if not len(kinds):
-            return
-        key = (instance_id, location)
-        tally = self._tallies.get(key)
-        if tally is None:
-            tally = self._tallies[key] = _Tally()
-        tally.ranks.add(worker_id)
-        counts = np.bincount(kinds, minlength=_KINDS)
-        tokens_of = np.bincount(kinds, weights=tokens, minlength=_KINDS)
-        if reset:
-            tally.add("resynced", counts[_ADMIT], tokens_of[_ADMIT])
-        else:
-            tally.add("stored", counts[_ADMIT], tokens_of[_ADMIT])
-            tally.add("evicted", counts[_EVICT], tokens_of[_EVICT])
-        if counts[_CLEAR]:
-            cleared = int(tokens_of[_CLEAR])
-            self.publish(
-                "cleared", f"{instance_id}/{worker_id} cleared {location} ({cleared} tokens)",
-                instance_id=instance_id, worker_id=worker_id, location=location, tokens=cleared,
-            )
+        """One event batch was applied: it is counted at the next ``flush`` (here it is only
+        kept, which costs the batch's path a list append)."""
+        self._pending.append((instance_id, worker_id, location, reset, kinds, tokens))
+        if len(self._pending) >= MAX_PENDING_BATCHES:
+            self._count_pending()
+
+    def _count_pending(self) -> None:
+        """Count the kept batches, a few numpy calls per (instance, rank, location) whatever
+        their number; publish their clears."""
+        groups: dict[tuple[str, int, str, bool], list[tuple[np.ndarray, np.ndarray]]] = {}
+        for instance_id, worker_id, location, reset, kinds, tokens in self._pending:
+            groups.setdefault((instance_id, worker_id, location, reset), []).append((kinds, tokens))
+        self._pending = []
+        for (instance_id, worker_id, location, reset), batches in groups.items():
+            kinds = np.concatenate([k for k, _ in batches])
+            if not len(kinds):
+                continue
+            tokens = np.concatenate([t for _, t in batches])
+            counts = np.bincount(kinds, minlength=_KINDS)
+            tokens_of = np.bincount(kinds, weights=tokens, minlength=_KINDS)
+            key = (instance_id, location)
+            tally = self._tallies.get(key)
+            if tally is None:
+                tally = self._tallies[key] = _Tally()
+            tally.ranks.add(worker_id)
+            if reset:
+                tally.add("resynced", counts[_ADMIT], tokens_of[_ADMIT])
+            else:
+                tally.add("stored", counts[_ADMIT], tokens_of[_ADMIT])
+                tally.add("evicted", counts[_EVICT], tokens_of[_EVICT])
+            if counts[_CLEAR]:
+                cleared = int(tokens_of[_CLEAR])
+                self.publish(
+                    "cleared", f"{instance_id}/{worker_id} cleared {location} ({cleared} tokens)",
+                    instance_id=instance_id, worker_id=worker_id, location=location, tokens=cleared,
+                )
 
     def flush(self) -> None:
-        """Publish what the batches since the last flush stored, evicted and resynced."""
+        """Publish what the batches since the last flush cleared, stored, evicted and resynced."""
+        self._count_pending()
         tallies, self._tallies = self._tallies, {}
         for (instance_id, location), tally in sorted(tallies.items()):
             ranks = len(tally.ranks)
@@ -169,8 +190,7 @@ class EventFeed:
                     self.publish(
                         kind,
                         f"{instance_id} {kind} {chunks} chunk{'s' if chunks != 1 else ''} ({tokens} tokens) "
-                        f"at {location}"
-                        + (f" over {ranks} ranks" if ranks > 1 else ""),
+                        f"at {location}" + (f" over {ranks} ranks" if ranks > 1 else ""),
                         instance_id=instance_id, location=location, chunks=chunks, tokens=tokens,
                     )
 

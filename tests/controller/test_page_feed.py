@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lmcache_core.controller.activity import Activity
-from lmcache_core.controller.feed import EventFeed, TooManySubscribersError
+from lmcache_core.controller.feed import MAX_PENDING_BATCHES, EventFeed, TooManySubscribersError
 from lmcache_core.controller.metrics import ControllerMetrics
 from lmcache_core.controller.server import SHUTDOWN_GRACE
 from lmcache_core.events import EventKind
@@ -69,19 +69,17 @@ async def test_subscribers_are_bounded_and_a_closed_feed_ends_every_stream() -> 
     assert feed.subscribers == 0
 
 
-def test_batches_are_tallied_per_instance_and_location_and_clears_published_at_once() -> None:
+def test_batches_are_counted_each_second_per_instance_and_location_and_clears_per_rank() -> None:
     feed = EventFeed()
     feed.applied("inst-a", 0, "LocalCPUBackend", False, *_batch((ADMIT, 256), (ADMIT, 256), (EVICT, 256)))
     feed.applied("inst-a", 1, "LocalCPUBackend", False, *_batch((ADMIT, 256), (ADMIT, 100)))
     feed.applied("inst-a", 0, "LocalDiskBackend", True, *_batch((ADMIT, 256)))  # a resync's inventory
-    assert feed.last_id == 0  # nothing yet: stores and evictions wait for the flush
     feed.applied("inst-b", 0, "LocalCPUBackend", False, *_batch((ADMIT, 4), (CLEAR, 1000)))
-    assert [(e["kind"], e["text"]) for e in feed.recent] == [
-        ("cleared", "inst-b/0 cleared LocalCPUBackend (1000 tokens)")
-    ]
+    feed.applied("inst-b", 0, "LocalCPUBackend", False, *_batch())  # an empty batch counts nothing
+    assert feed.last_id == 0  # nothing yet: the batches are counted by the flush
     feed.flush()
-    published = [(e["kind"], e["text"]) for e in feed.recent][1:]
-    assert published == [
+    assert [(e["kind"], e["text"]) for e in feed.recent] == [
+        ("cleared", "inst-b/0 cleared LocalCPUBackend (1000 tokens)"),
         ("stored", "inst-a stored 4 chunks (868 tokens) at LocalCPUBackend over 2 ranks"),
         ("evicted", "inst-a evicted 1 chunk (256 tokens) at LocalCPUBackend over 2 ranks"),
         ("resynced", "inst-a resynced 1 chunk (256 tokens) at LocalDiskBackend"),
@@ -96,12 +94,23 @@ def test_batches_are_tallied_per_instance_and_location_and_clears_published_at_o
     assert [e["id"] for e in feed.since(3)] == [4, 5]
 
 
+def test_a_busy_second_is_counted_in_goes_of_bounded_size() -> None:
+    feed = EventFeed()
+    for _ in range(MAX_PENDING_BATCHES + 10):
+        feed.applied("inst-a", 0, "LocalCPUBackend", False, *_batch((ADMIT, 256)))
+    assert len(feed._pending) == 10  # the first MAX_PENDING_BATCHES were counted as they filled up
+    feed.flush()
+    (event,) = feed.recent
+    assert (event["chunks"], event["tokens"]) == (MAX_PENDING_BATCHES + 10, (MAX_PENDING_BATCHES + 10) * 256)
+
+
 def test_rates_are_per_interval_counts_of_lookups_hits_and_requests() -> None:
     metrics = ControllerMetrics()
     activity = Activity(metrics.request_latency, window=3)
     activity.sample(now=100.0)
     activity.note_lookup(10, {})
-    activity.note_lookup(12, {"inst-a": ["LocalCPUBackend", 8], "inst-b": ["LocalDiskBackend", 12]})
+    # answers list the longest match first (as /lookup does)
+    activity.note_lookup(12, {"inst-b": ["LocalDiskBackend", 12], "inst-a": ["LocalCPUBackend", 8]})
     for _ in range(3):
         metrics.request_latency.labels("/lookup").observe(0.001)
     metrics.request_latency.labels("/clear").observe(0.01)

@@ -34,7 +34,7 @@ def live_controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Contro
 
 def _operations() -> list[str]:
     return ["POST /lookup", "POST /clear", "POST /check_finish", "POST /health", "GET /instances",
-            "POST /query_worker_info", "GET /metrics"]
+            "POST /query_worker_info", "GET /metrics", "GET /page/summary", "GET /"]
 
 
 @pytest.mark.timeout(300)
