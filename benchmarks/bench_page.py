@@ -30,7 +30,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _report import print_table, verdict  # noqa: E402
-from bench_controller import CHUNK, concurrent_rate, prompt, read_ready, run_async, sequential_latency  # noqa: E402
+from bench_controller import (  # noqa: E402
+    CHUNK, concurrent_rate, prompt, read_answer, read_ready, run_async, sequential_latency,
+)
 
 #: what the page does (static/app.js): poll the summary this often
 POLL_SECONDS = 2.0
@@ -129,11 +131,7 @@ class Background:
             while True:
                 started = time.perf_counter()
                 writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                if not head.startswith(b"HTTP/1.1 200"):
-                    raise SystemExit(f"/page/summary answered {head[:100]!r}")
-                at = head.lower().index(b"content-length: ") + 16
-                await reader.readexactly(int(head[at : head.index(b"\r", at)]))
+                await read_answer(reader, "/page/summary")
                 self.stats["summaries"] += 1
                 self.stats["summary_ms"] += (time.perf_counter() - started) * 1e3
                 await asyncio.sleep(POLL_SECONDS)

@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from lmcache_core.controller.deps import get_controller
 from lmcache_core.controller.feed import TooManySubscribersError
+from lmcache_core.controller.models import InstanceInfo
 from lmcache_core.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -79,14 +80,10 @@ class PageWorker(BaseModel):
     locations: list[PageLocation] = Field(description="Fastest first.")
 
 
-class PageInstance(BaseModel):
-    instance_id: str
-    model_name: str
-    world_size: int
-    locations: list[str]
-    chunks: int
-    tokens: int
-    workers: list[PageWorker]
+class PageInstance(InstanceInfo):
+    """An instance as ``/instances`` shows it, its workers as the page shows them."""
+
+    workers: list[PageWorker]  # type: ignore[assignment]
 
 
 class PageActivity(BaseModel):
