@@ -9,7 +9,7 @@ VLLM_VERSION := 0.32.0
 PLUGIN_PYPROJECTS := $(wildcard plugins/*/pyproject.toml)
 PLUGIN_DIRS := $(patsubst %/pyproject.toml,%,$(PLUGIN_PYPROJECTS))
 
-.PHONY: setup demo demo-lite test bench clean
+.PHONY: setup demo demo-lite test bench screenshot clean
 
 $(VENV)/.stamp-python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,22 @@ $(VENV)/.stamp-project: $(VENV)/.stamp-torch pyproject.toml $(PLUGIN_PYPROJECTS)
 
 setup: $(VENV)/.stamp-project
 
+# the web page's browser test drives the system's chromium (Playwright's own browser download
+# is not used): Debian's, installed with apt-get (as root, else through sudo) when missing
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+HAVE_CHROMIUM := [ -n "$$LMCACHE_CHROMIUM" ] || command -v chromium >/dev/null 2>&1
+$(VENV)/.stamp-chromium: $(VENV)/.stamp-python
+	@if $(HAVE_CHROMIUM); then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium with apt-get (the web page's browser test drives it)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+	    || { echo "make: could not install chromium with apt-get (see above)" >&2; exit 1; }; \
+	else \
+	  echo "make: chromium is missing and apt-get is unavailable here: install chromium, or set" \
+	    "LMCACHE_CHROMIUM to a chromium executable; until then the browser test is skipped" >&2; \
+	fi
+	@if $(HAVE_CHROMIUM); then touch $@; fi
+
 # the walkthrough against a real vLLM server (tiny dummy-weight model, ~1 min on 2 cores)
 demo: setup
 	$(PY) examples/vllm_walkthrough.py
@@ -38,8 +54,12 @@ demo: setup
 demo-lite: setup
 	$(PY) examples/walkthrough.py
 
-test: setup
+test: setup $(VENV)/.stamp-chromium
 	$(PY) -m pytest
+
+# refresh docs/page.png, the README's picture of the web page (the browser test takes it)
+screenshot: setup $(VENV)/.stamp-chromium
+	LMCACHE_PAGE_SCREENSHOT=docs/page.png $(PY) -m pytest tests/controller/test_page_browser.py -q
 
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

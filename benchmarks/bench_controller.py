@@ -194,6 +194,15 @@ def sequential_latency(port: int, path: str, body: bytes, n: int, warmup: int = 
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "cpu_ms": cpu_ms, "last": json.loads(data)}
 
 
+async def read_answer(reader: asyncio.StreamReader, path: str) -> bytes:
+    """The body of one HTTP/1.1 answer with a Content-Length; exits unless it is a 200."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"{path} answered {head[:100]!r}")
+    at = head.lower().index(b"content-length: ") + 16
+    return await reader.readexactly(int(head[at : head.index(b"\r", at)]))
+
+
 async def concurrent_rate(port: int, path: str, body: bytes, clients: int, seconds: float) -> tuple[float, float]:
     """(requests/s, server CPU ms per request) of ``clients`` keep-alive connections posting
     ``body`` back to back; raw sockets keep the client's own cost (it shares the cores) low."""
@@ -212,11 +221,7 @@ async def concurrent_rate(port: int, path: str, body: bytes, clients: int, secon
         try:
             while time.perf_counter() < deadline:
                 writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                if not head.startswith(b"HTTP/1.1 200"):
-                    raise SystemExit(f"{path} answered {head[:100]!r}")
-                at = head.lower().index(b"content-length: ") + 16
-                await reader.readexactly(int(head[at : head.index(b"\r", at)]))
+                await read_answer(reader, path)
                 done += 1
         finally:
             writer.close()

@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                                               start_new_session=True))
             try:
                 print(f"  -> {json.dumps(read_ready_line(procs[0], 'the controller', 60))}", flush=True)
+                print(f"# the controller's web page (instances, rates, live events): http://{args.host}:{port}/", flush=True)
             except LMCacheError as exc:
                 raise SystemExit(f"vllm_walkthrough: {exc}{controller_log.read_text()[-3000:]}") from None
 

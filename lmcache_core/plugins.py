@@ -27,7 +27,7 @@ from lmcache_core.storage import BackendSpec
 from lmcache_core.transport import TransportSpec
 
 #: modules of lmcache_core that register through the same hooks as outside plugins
-BUILTIN_PLUGINS: tuple[str, ...] = ("lmcache_core.controller.routes",)
+BUILTIN_PLUGINS: tuple[str, ...] = ("lmcache_core.controller.routes", "lmcache_core.controller.page")
 
 
 def _names_from_env(var: str) -> set[str] | None:

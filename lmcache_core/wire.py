@@ -296,6 +296,10 @@ class Heartbeat(WorkerIdentity):
         default_factory=dict, description="Latest EventBatch.seq published, per location."
     )
     chunks: dict[str, int] = Field(default_factory=dict, description="Chunks held, per location.")
+    used_bytes: dict[str, int] = Field(default_factory=dict, description="Bytes used, per location.")
+    capacity_bytes: dict[str, int] = Field(
+        default_factory=dict, description="Bytes a location may use, where it has a bound."
+    )
 
 
 # --- commands (request/reply on cmd.<inst>.<w>) ------------------------------------------------

@@ -597,13 +597,13 @@ class WorkerHandle:
         topic = heartbeat_topic(self.identity.instance_id, self.identity.worker_id)
         while True:
             try:
-                chunks = await anyio.to_thread.run_sync(self._chunk_counts, abandon_on_cancel=True)
+                usage = await anyio.to_thread.run_sync(self._location_usage, abandon_on_cancel=True)
                 beat = Heartbeat(
                     instance_id=self.identity.instance_id,
                     worker_id=self.identity.worker_id,
                     epoch=self.identity.epoch,
                     last_seq=dict(self._seq),
-                    chunks=chunks,
+                    **usage,
                 )
                 if self._bus is not None:
                     await self._bus.publish(topic, beat.encode())
@@ -613,13 +613,17 @@ class WorkerHandle:
                 log.exception("heartbeat failed")
             await anyio.sleep(interval)
 
-    def _chunk_counts(self) -> dict[str, int]:
-        counts = {}
+    def _location_usage(self) -> dict[str, dict[str, int]]:
+        """A heartbeat's chunks, used bytes and capacity per location (from the backends' stats)."""
+        usage: dict[str, dict[str, int]] = {"chunks": {}, "used_bytes": {}, "capacity_bytes": {}}
         for name, backend in list(self.engine.backends.items()):
             stats = backend.stats()
             chunks = stats.get("chunks")
-            counts[name] = int(chunks) if chunks is not None else len(backend.inventory())
-        return counts
+            usage["chunks"][name] = int(chunks) if chunks is not None else len(backend.inventory())
+            for key in ("used_bytes", "capacity_bytes"):
+                if isinstance(stats.get(key), int):
+                    usage[key][name] = stats[key]
+        return usage
 
     # --- commands ----------------------------------------------------------------------------
     async def _on_command(self, msg: Message) -> None:

@@ -37,7 +37,8 @@ class ApiGuard:
     itself, called as ``handler(scope, body, send)`` (see ``routes.LookupFastPath``).
 
     With a token, every scope but lifespan needs it: HTTP gets 401, a websocket handshake is
-    refused, and any other kind of scope never reaches the application.
+    refused, and any other kind of scope never reaches the application. The one exception is a
+    GET of a ``public_paths`` path: files holding no data (the web page, which asks for the token).
     """
 
     def __init__(
@@ -49,8 +50,10 @@ class ApiGuard:
         fast_paths: dict[str, Any] | None = None,
         body_limits: dict[str, tuple[int, str]] | None = None,
         body_timeout: float = 30.0,
+        public_paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
+        self.public_paths = public_paths
         self.fast_paths = fast_paths or {}
         self.body_limits = body_limits or {}
         self.body_timeout = body_timeout
@@ -68,7 +71,7 @@ class ApiGuard:
             return
         started = time.perf_counter()
         path = scope["path"]
-        if self._authorized(scope):
+        if self._authorized(scope) or (path in self.public_paths and scope["method"] == "GET"):
             await self._serve(scope, receive, send, path)
         else:
             await send_json(send, 401, _UNAUTHORIZED, [(b"www-authenticate", b"Bearer")])
@@ -136,11 +139,17 @@ def create_app(controller: Controller, pm: pluggy.PluginManager | None = None) -
     # that route is the first one at its path (the one Starlette would pick)
     fast_paths: dict[str, Any] = {}
     seen: set[str] = set()
+    # a route whose endpoint is marked ``lmcache_public`` holds no data (the web page's files):
+    # a GET of it needs no token
+    public_paths: set[str] = set()
     for route in app.routes:
         path = getattr(route, "path", "")
-        factory = getattr(getattr(route, "endpoint", None), "lmcache_fast_path", None)
+        endpoint = getattr(route, "endpoint", None)
+        factory = getattr(endpoint, "lmcache_fast_path", None)
         if path not in seen and factory is not None:
             fast_paths[path] = factory(controller)
+        if path not in seen and getattr(endpoint, "lmcache_public", False):
+            public_paths.add(path)
         seen.add(path)
     settings = controller.settings
     lookup_limit = settings.controller_max_request_bytes
@@ -162,5 +171,6 @@ def create_app(controller: Controller, pm: pluggy.PluginManager | None = None) -
         fast_paths=fast_paths,
         body_limits=body_limits,
         body_timeout=settings.controller_request_timeout,
+        public_paths=frozenset(public_paths),
     )
     return app

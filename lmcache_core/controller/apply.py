@@ -136,6 +136,7 @@ class EventApplication(ControllerBase):
                 self.index.apply(loc.holder, kinds, hashes, tokens)
         loc.applied_seq = batch.seq
         self.metrics.events_applied.inc(len(kinds))
+        self.feed.applied(batch.instance_id, batch.worker_id, batch.location, batch.reset, kinds, tokens)
 
     def _drain(self, worker: WorkerState, loc: LocationState) -> None:
         """Apply the held batches that are next in order now; close or keep the gap."""

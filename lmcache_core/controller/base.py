@@ -17,6 +17,8 @@ from anyio.abc import TaskGroup
 from pydantic import ValidationError
 
 from lmcache_core.config import LMCacheSettings
+from lmcache_core.controller.activity import Activity
+from lmcache_core.controller.feed import EventFeed
 from lmcache_core.controller.index import KVIndex
 from lmcache_core.controller.layout import LayoutTable
 from lmcache_core.controller.metrics import ControllerMetrics
@@ -46,6 +48,8 @@ class ControllerBase:
         self.metrics = metrics if metrics is not None else ControllerMetrics()
         #: event ids handed out (commands, lookups), for /check_finish
         self.events = EventLog()
+        self.feed = EventFeed()  # what the web page shows live
+        self.activity = Activity(self.metrics.request_latency)  # the page's rates
         self._tg: TaskGroup | None = None
         self._subscriptions: list[Subscription] = []
         # --- the registry's (registry.py) ---

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lmcache_core.keys import TokenHasher
-from lmcache_core.wire import EventBatch, WorkerRegistration
+from lmcache_core.wire import EventBatch, Heartbeat, WorkerRegistration
 
 #: events of each kind remembered for /check_finish (oldest forgotten first)
 EVENT_HISTORY = 65_536
@@ -52,6 +52,7 @@ class WorkerState:
     registered_at: float
     last_seen: float  # monotonic
     last_heartbeat_time: float = 0.0  # unix
+    last_beat: Heartbeat | None = None  # its latest heartbeat (bytes used per location)
 
     @property
     def instance_id(self) -> str:

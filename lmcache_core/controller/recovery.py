@@ -26,6 +26,7 @@ from lmcache_core.controller.base import ControllerBase
 from lmcache_core.controller.errors import BadWorkerReplyError
 from lmcache_core.controller.records import LocationState, WorkerState
 from lmcache_core.errors import LMCacheError
+from lmcache_core.events import EventKind
 from lmcache_core.wire import CommandReply, InventoryCommand, InventoryPage
 
 log = logging.getLogger(__name__)
@@ -159,4 +160,6 @@ class Recovery(ControllerBase):
         loc.applied_seq = seq
         loc.known_seq = max(loc.known_seq, seq)
         self.metrics.inventories_pulled.labels("installed").inc()
+        admits = np.full(len(hashes), EventKind.ADMIT, dtype=np.uint8)
+        self.feed.applied(worker.instance_id, worker.worker_id, loc.name, True, admits, tokens)  # the page's feed
         self._drain(worker, loc)  # apply.py: the held batches after it, in order

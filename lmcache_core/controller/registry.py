@@ -151,6 +151,7 @@ class Registry(ControllerBase):
             self.metrics.worker_removal_seconds.observe(time.perf_counter() - started)
             self.metrics.workers_expired.inc()
             log.warning("worker %s missed its heartbeats; removed from the index", worker.name)
+            self.feed.worker_event("lost", worker.instance_id, worker.worker_id, "missed its heartbeats; removed")
         return [w.name for w in dead]
 
     def _forget_worker(self, worker: WorkerState) -> None:
@@ -224,6 +225,7 @@ class Registry(ControllerBase):
                     "refused worker %s/%d (epoch %s, host %s, pid %d): %s",
                     reg.instance_id, reg.worker_id, reg.epoch, reg.host or "?", reg.pid, refusal,
                 )
+                self.feed.worker_event("refused", reg.instance_id, reg.worker_id, f"refused: {refusal}")
             self._refused[key] = reg.epoch  # its heartbeats must not make it register again
             return RegistrationAck(accepted=False, resync=False, detail=refusal)
         self._refused.pop(key, None)
@@ -284,6 +286,7 @@ class Registry(ControllerBase):
         group.workers.add(key)
         self.metrics.registrations.inc()
         log.info("worker %s registered (epoch %s, locations %s)", worker.name, reg.epoch, list(locations))
+        self.feed.worker_event("registered", reg.instance_id, reg.worker_id, f"registered ({', '.join(locations)})")
         for loc in locations.values():
             if loc.awaiting_reset:
                 self._want_inventory(worker, loc)  # recovery.py: paced, answered to us alone
@@ -308,6 +311,7 @@ class Registry(ControllerBase):
         self._forget_worker(worker)
         self.metrics.workers_left.inc()
         log.info("worker %s stopped; removed from the index", worker.name)
+        self.feed.worker_event("left", worker.instance_id, worker.worker_id, "stopped; removed")
         return True
 
     def _describe_instance(self, instance_id: str) -> None:
@@ -341,6 +345,7 @@ class Registry(ControllerBase):
             return
         worker.last_seen = time.monotonic()
         worker.last_heartbeat_time = time.time()
+        worker.last_beat = beat
         self._note_announced(worker, beat.last_seq)  # apply.py: the gaps it reveals
 
 

@@ -172,6 +172,7 @@ async def answer_lookup(controller: Controller, raw: bytes, limiter: anyio.Capac
             _parse_and_hash, controller, raw, controller.lookup_hashers(), limiter=limiter
         )
     layout = controller.lookup_hashed(hashed, len(query.tokens), query.model, query.instance_id)
+    controller.activity.note_lookup(len(query.tokens), layout)
     event_id = controller.events.start("lookup", status="finished")
     return orjson.dumps({"event_id": event_id, "layout_info": layout})
 

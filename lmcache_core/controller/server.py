@@ -23,6 +23,7 @@ import uvicorn
 
 from lmcache_core.config import LMCacheSettings
 from lmcache_core.controller.app import create_app
+from lmcache_core.controller.page import page_clock
 from lmcache_core.controller.state import Controller
 from lmcache_core.errors import ConfigError, LMCacheError
 from lmcache_core.netaddr import is_loopback
@@ -255,6 +256,7 @@ async def running_controller(
 
             async with anyio.create_task_group() as tg:
                 await controller.start(tg)
+                tg.start_soon(page_clock, controller)
                 tg.start_soon(serve)
                 with anyio.move_on_after(startup_timeout) as waiting:
                     while not server.started and not served.is_set():
@@ -268,6 +270,7 @@ async def running_controller(
                     yield handle
                 finally:
                     with anyio.CancelScope(shield=True):
+                        controller.feed.close()  # open event streams end, so the server stops at once
                         server.should_exit = True
                         with anyio.move_on_after(SHUTDOWN_GRACE + 1.0):
                             await served.wait()

@@ -36,7 +36,7 @@ def _operations() -> list[str]:
     return ["POST /lookup", "POST /clear", "POST /check_finish", "POST /health", "GET /instances",
             "POST /query_worker_info", "GET /metrics", "POST /pin", "POST /unpin", "POST /move",
             "POST /query_instance", "GET /controller/workers", "GET /controller/key-stats",
-            "POST /compress", "POST /decompress"]
+            "POST /compress", "POST /decompress", "GET /page/summary", "GET /"]
 
 
 @pytest.mark.timeout(300)

@@ -18,6 +18,7 @@ The test reads the answers from the file ``--result-json`` names.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -77,6 +78,8 @@ def test_walkthrough_exits_zero_and_reports_every_answer_as_expected(walkthrough
     assert walkthrough.returncode == 0, walkthrough.output[-6000:]
     assert walkthrough.answers["ok"] is True
     assert walkthrough.output.rstrip().endswith("finished: every answer as expected")
+    # make demo points operators at the controller's web page
+    assert re.search(r"^# the controller's web page .*: http://[^ ]+:\d+/$", walkthrough.output, re.M)
 
 
 def check_lmcache_docs_part(answers: dict[str, Any]) -> None:
