@@ -91,6 +91,8 @@ class CacheEngine:
         self.backends: dict[str, StorageBackend] = {}
         self._worker: WorkerHandle | None = None
         self._tiers: list[StorageBackend] = []
+        #: set by a worker serving the peer channel (``enable_p2p``): see ``fetch_from_peers``
+        self.peer_fetch: Callable[[TokenSequence], int] | None = None
         try:
             for location, spec in backend_specs(self.pm).items():
                 if spec.enabled(settings):
@@ -286,6 +288,35 @@ class CacheEngine:
                 view.release()
             raise
         return PrefixHold(held, locations)
+
+    def view_chunk(self, chunk_hash: int) -> ChunkView | None:
+        """A view of this shard's chunk ``chunk_hash`` from the fastest tier holding it (no
+        promotion); the caller releases it. What the peer channel serves."""
+        return self._find(self.keys.key(chunk_hash))[0]
+
+    def store_received(
+        self, chunk_hash: int, num_tokens: int, data: torch.Tensor, location: str | None = None
+    ) -> int:
+        """Store a whole chunk that came from elsewhere (a peer): in every tier lacking it, or
+        at ``location`` only; returns the tokens newly stored."""
+        span = ChunkSpan(chunk_hash, 0, num_tokens)
+        if location is None:
+            return self.store_chunks([(span, data)])
+        key = self.keys.key(chunk_hash)
+        backend = self.backend(location)
+        if backend.contains(key):
+            return 0
+        self._put_tiers(key, data, num_tokens, [backend])
+        return num_tokens
+
+    def fetch_from_peers(self, tokens: TokenSequence) -> int:
+        """With ``enable_p2p`` and a worker: fetch the part of the longest prefix of ``tokens``
+        that a peer holds and this engine lacks, into its tiers; returns the tokens fetched
+        (0 without P2P, on a miss everywhere, or when the peer fails: the caller computes)."""
+        fetch = self.peer_fetch
+        if fetch is None:
+            return 0
+        return fetch(tokens)
 
     def missing_spans(self, tokens: TokenSequence) -> list[ChunkSpan]:
         """Chunks of ``tokens`` that at least one location lacks (what ``store`` would write)."""

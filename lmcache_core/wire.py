@@ -22,6 +22,9 @@ id must encode to at most ``MAX_TOPIC_TOKEN`` bytes, see ``check_instance_id``):
                                               again; no other worker is disturbed
 ``goodbye.<inst>.<w>``             publish    worker -> controller when it stops cleanly
                                               (``WorkerIdentity``): leave the index at once
+``peer_lookup.<inst>.<w>``         request    worker -> controller on a local miss (P2P):
+                                              ``PeerLookupRequest`` -> ``PeerLookupReply``, the
+                                              peer of the same rank holding the longest prefix
 =================================  =========  =================================================
 
 Ordering and loss: ``EventBatch.seq`` counts a worker's batches per location from 1, within one
@@ -44,7 +47,8 @@ checks that the ids inside the message are the ones its topic names, so a bus th
 instance publish only its own topics (``worker_topics``: NATS authorization permissions) also
 stops it from speaking for another.
 
-Versions: 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
+Versions: 5 adds ``peer_lookup`` requests, ``WorkerRegistration.peer_init_url`` and the
+``push`` command (peer-to-peer transfer, ``lmcache_core.p2p``); 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
 ``not_retained`` and ``expired``; 3 puts the instance and rank into the registration topic (``register.<inst>.<w>``,
 was ``register``), so bus permissions tell one instance's registrations from another's; 2
 escapes instance ids in topics byte by byte (``a.b`` -> ``a%2Eb``), so distinct ids never share
@@ -61,7 +65,7 @@ from typing import Annotated, Literal, Union
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 #: characters a topic token keeps as they are; every other byte is escaped as ``%XX``
 _PLAIN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -127,6 +131,10 @@ def goodbye_topic(instance_id: str, worker_id: int) -> str:
     return f"goodbye.{topic_token(instance_id)}.{worker_id}"
 
 
+def peer_lookup_topic(instance_id: str, worker_id: int) -> str:
+    return f"peer_lookup.{topic_token(instance_id)}.{worker_id}"
+
+
 #: where protocol 2 and older workers registered: the controller answers them with a refusal
 LEGACY_REGISTER_TOPIC = "register"
 HELLO_TOPIC = "controller.hello"
@@ -134,6 +142,7 @@ REGISTER_WILDCARD = "register.*.*"
 EVENTS_WILDCARD = "events.*.*"
 HEARTBEAT_WILDCARD = "heartbeat.*.*"
 GOODBYE_WILDCARD = "goodbye.*.*"
+PEER_LOOKUP_WILDCARD = "peer_lookup.*.*"
 
 
 @dataclass(frozen=True)
@@ -147,10 +156,10 @@ class WorkerTopics:
 
 def worker_topics(instance_id: str) -> WorkerTopics:
     """Topics of every rank of ``instance_id``: it publishes its events, heartbeats,
-    registrations and goodbyes, and listens to its commands and to the controller's hellos."""
+    registrations, goodbyes and peer lookups, and listens to its commands and to the controller's hellos."""
     token = topic_token(instance_id)
     return WorkerTopics(
-        publish=tuple(f"{kind}.{token}.*" for kind in ("events", "heartbeat", "register", "goodbye")),
+        publish=tuple(f"{kind}.{token}.*" for kind in ("events", "heartbeat", "register", "goodbye", "peer_lookup")),
         subscribe=(f"cmd.{token}.*", HELLO_TOPIC, f"{HELLO_TOPIC}.{token}.*"),
     )
 
@@ -194,6 +203,9 @@ class WorkerRegistration(WorkerIdentity):
     locations: list[str] = Field(description="Location names this worker serves, fastest first.")
     host: str = Field("", description="Host name, for operators.")
     pid: int = 0
+    peer_init_url: str | None = Field(
+        None, description="host:port where this worker serves its chunks to peers (enable_p2p); None: it does not."
+    )
 
 
 class RegistrationAck(WireModel):
@@ -304,8 +316,22 @@ class PingCommand(WireModel):
     op: Literal["ping"] = "ping"
 
 
+class PushCommand(WireModel):
+    """Push the stored prefix of ``tokens`` (the chunks at ``location``; None: any tier) to the
+    peer at ``peer_init_url``, which stores them at ``target_location`` (None: every tier); then,
+    unless ``should_copy``, drop them from ``location``. The reply's ``num_tokens``: tokens the peer
+    confirmed."""
+
+    op: Literal["push"] = "push"
+    tokens: list[int]
+    peer_init_url: str
+    location: str | None = None
+    target_location: str | None = None
+    should_copy: bool = True
+
+
 Command = Annotated[
-    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand],
+    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand, PushCommand],
     Field(discriminator="op"),
 ]
 
@@ -340,3 +366,29 @@ class CommandReply(WireModel):
         "replying (the batch holding the clear event for clear); the receiver ignores older batches.",
     )
     registration: WorkerRegistration | None = None
+
+
+# --- peer lookups (request/reply on peer_lookup.<inst>.<w>) -----------------------------------
+
+
+class PeerLookupRequest(WorkerIdentity):
+    """A worker missing a prefix asks which peer (another instance, same rank, model shard and
+    hashing) holds the longest prefix of these chunk hashes (little-endian uint64, in order)."""
+
+    hashes: bytes
+    num_tokens: int = Field(ge=0, description="Tokens the hashes cover (the last chunk may be short).")
+
+    def hash_array(self) -> np.ndarray:
+        return np.frombuffer(self.hashes, dtype="<u8")
+
+
+class PeerLookupReply(WireModel):
+    """The best peer, or ``found=False``; ``num_tokens``/``chunks``: the prefix it holds."""
+
+    found: bool
+    instance_id: str | None = None
+    worker_id: int | None = None
+    peer_init_url: str | None = None
+    chunks: int = 0
+    num_tokens: int = 0
+    detail: str = ""

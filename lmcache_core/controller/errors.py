@@ -76,12 +76,18 @@ class BadWorkerReplyError(LMCacheError):
     """A worker answered with something the controller could not read."""
 
 
+class NoPeerChannelError(LMCacheError):
+    """A move between instances whose target serves no peer channel (``enable_p2p``)."""
+
+
 def http_status(exc: LMCacheError) -> int:
     """The HTTP status an error becomes at the API boundary."""
     if isinstance(exc, (UnknownInstanceError, UnknownWorkerError)):
         return 404
     if isinstance(exc, UnknownLocationError):
         return 400
+    if isinstance(exc, NoPeerChannelError):
+        return 409
     if isinstance(exc, (TooManyTokensError, RequestTooLargeError)):
         return 413
     if isinstance(exc, RequestBodyTimeoutError):

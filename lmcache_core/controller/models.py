@@ -98,6 +98,7 @@ class WorkerInfo(BaseModel):
     hashing: HashingParams
     host: str
     pid: int
+    peer_init_url: str | None = Field(None, description="Where this worker serves chunks to peers (enable_p2p).")
     locations: dict[str, LocationInfo] = Field(description="Per location, fastest first.")
     registration_time: float = Field(description="Unix time of the latest registration.")
     last_heartbeat_time: float = Field(description="Unix time of the latest heartbeat (0: none).")

@@ -74,6 +74,7 @@ from lmcache_core.wire import (
     HEARTBEAT_WILDCARD,
     HELLO_TOPIC,
     LEGACY_REGISTER_TOPIC,
+    PEER_LOOKUP_WILDCARD,
     PROTOCOL_VERSION,
     REGISTER_WILDCARD,
     ClearCommand,
@@ -83,6 +84,7 @@ from lmcache_core.wire import (
     HashingParams,
     Heartbeat,
     Hello,
+    PeerLookupRequest,
     PingCommand,
     RegistrationAck,
     ReplayCommand,
@@ -95,6 +97,7 @@ from lmcache_core.wire import (
     goodbye_topic,
     heartbeat_topic,
     hello_topic,
+    peer_lookup_topic,
     register_topic,
 )
 
@@ -271,6 +274,7 @@ class Controller:
             self._events_subscription,
             await bus.subscribe(HEARTBEAT_WILDCARD, self._on_heartbeat),
             await bus.subscribe(GOODBYE_WILDCARD, self._on_goodbye),
+            await bus.subscribe(PEER_LOOKUP_WILDCARD, self._on_peer_lookup),
         ]
         bus.on_reconnect(self._say_hello)  # batches may have been lost while we were away
         await bus.flush()
@@ -480,6 +484,22 @@ class Controller:
         ident = self._decode_claim(msg, WorkerIdentity, goodbye_topic, "goodbye")
         if ident is not None:
             self.goodbye(ident)
+
+    async def _on_peer_lookup(self, msg: Message) -> None:
+        from lmcache_core.controller.peers import find_peer
+
+        request = self._decode_claim(msg, PeerLookupRequest, peer_lookup_topic, "peer lookup")
+        if request is not None:
+            await self._respond(msg, find_peer(self, request))
+
+    async def move_between_instances(
+        self, tokens: list[int], source: tuple[str, str], target: tuple[str, str | None], copy: bool
+    ) -> dict[int, int]:
+        """Move (or copy) the stored prefix of ``tokens`` from one instance's location to another
+        instance over the peer channel; tokens moved per rank (``controller.peers``)."""
+        from lmcache_core.controller.peers import move_between_instances
+
+        return await move_between_instances(self, tokens, source, target, copy)
 
     def goodbye(self, ident: WorkerIdentity) -> bool:
         """A worker stopped cleanly: it leaves the index now; whether it was registered.
@@ -911,6 +931,7 @@ class Controller:
             ),
             host=reg.host,
             pid=reg.pid,
+            peer_init_url=reg.peer_init_url,
             locations=locations,
             registration_time=worker.registered_at,
             last_heartbeat_time=worker.last_heartbeat_time,
