@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmcache_core.keys import ChunkSpan
-from lmcache_core.p2p.channel import CHUNK, END, FETCH, PUSH, STORED, Deadline, PeerError, connect
+from lmcache_core.p2p.channel import CHUNK, END, FETCH, PUSH, STORED, Deadline, PeerError, Scratch, connect
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +49,22 @@ def fetch_chunks(
 ) -> TransferResult:
     """Ask the peer at ``url`` for the chunks of ``spans`` (in order) and give each to ``sink``
     once checked; stops at the first chunk the peer lacks or anything that goes wrong (logged,
-    in ``error``)."""
+    in ``error``). The tensor given to ``sink`` is valid only during the call (one receive
+    buffer serves every chunk: a transfer holds one chunk, however many it moves)."""
     result = TransferResult(peer=url)
     started = time.monotonic()
     conn = None
     try:
         conn = connect(url, key, Deadline(step_timeout, total_timeout))
         conn.send(FETCH, {"shard": shard, "hashes": [s.chunk_hash for s in spans]})
+        scratch = Scratch()
         for span in spans:
             frame = conn.receive(CHUNK, END)
             if frame.kind == END:
                 break
             if int(frame.header.get("hash", -1)) != span.chunk_hash or int(frame.header.get("tokens", -1)) != span.num_tokens:
                 raise PeerError(f"{url} sent another chunk than the one asked for")
-            tensor = conn.receive_chunk(frame, max_chunk_bytes)
+            tensor = conn.receive_chunk(frame, max_chunk_bytes, scratch)
             sink(span, tensor)
             result.chunks += 1
             result.tokens += span.num_tokens
