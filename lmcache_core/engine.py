@@ -25,6 +25,7 @@ from lmcache_core.plugins import backend_specs, get_plugin_manager
 from lmcache_core.storage import ChunkView, StorageBackend
 
 if TYPE_CHECKING:
+    from lmcache_core.p2p.client import TransferResult
     from lmcache_core.worker import WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class CacheEngine:
         self._worker: WorkerHandle | None = None
         self._tiers: list[StorageBackend] = []
         #: set by a worker serving the peer channel (``enable_p2p``): see ``fetch_from_peers``
-        self.peer_fetch: Callable[[TokenSequence], int] | None = None
+        self.peer_fetch: Callable[[TokenSequence], TransferResult | None] | None = None
         try:
             for location, spec in backend_specs(self.pm).items():
                 if spec.enabled(settings):
@@ -309,13 +310,15 @@ class CacheEngine:
         self._put_tiers(key, data, num_tokens, [backend])
         return num_tokens
 
-    def fetch_from_peers(self, tokens: TokenSequence) -> int:
+    def fetch_from_peers(self, tokens: TokenSequence) -> "TransferResult | None":
         """With ``enable_p2p`` and a worker: fetch the part of the longest prefix of ``tokens``
-        that a peer holds and this engine lacks, into its tiers; returns the tokens fetched
-        (0 without P2P, on a miss everywhere, or when the peer fails: the caller computes)."""
+        that a peer holds and this engine lacks, into its tiers (which announce them); returns
+        what moved, from which peer (``tokens``, ``bytes``, ``error`` if it stopped early), or
+        None without P2P or when no peer holds more. Never raises for a peer's failure: what
+        did not arrive whole and checked is simply not stored, and the caller computes it."""
         fetch = self.peer_fetch
         if fetch is None:
-            return 0
+            return None
         return fetch(tokens)
 
     def missing_spans(self, tokens: TokenSequence) -> list[ChunkSpan]:

@@ -58,28 +58,30 @@ class PeerAgent:
         self.server.close()
 
     # --- fetching on a local miss --------------------------------------------------------------
-    def fetch_prefix(self, tokens: TokenSequence) -> int:
-        """Fetch what a peer holds beyond the local prefix of ``tokens``; tokens fetched.
+    def fetch_prefix(self, tokens: TokenSequence) -> TransferResult | None:
+        """Fetch what a peer holds beyond the local prefix of ``tokens``; what moved (None: no
+        peer holds more than this engine).
 
         Never raises for a peer's or the bus's failure: it logs and returns what it stored
-        (whole, checked chunks only), and the caller computes the rest.
+        (whole, checked chunks only; ``error`` says why it stopped), and the caller computes
+        the rest.
         """
         engine = self.engine
         spans = engine.hasher.spans(tokens)
         if not spans:
-            return 0
+            return None
         found = engine.lookup(tokens)
         local = sum(1 for span in spans if span.end <= found)
         if local == len(spans):
-            return 0
+            return None
         hashes = np.fromiter((s.chunk_hash for s in spans), dtype="<u8", count=len(spans))
         try:
             reply = self._locate(hashes, spans[-1].end)
         except LMCacheError as exc:
             log.info("peer lookup failed (computing instead): %s", exc)
-            return 0
+            return None
         if not reply.found or reply.chunks <= local or not reply.peer_init_url:
-            return 0
+            return None
         wanted = spans[local : reply.chunks]
         result = fetch_chunks(
             reply.peer_init_url,
@@ -91,7 +93,7 @@ class PeerAgent:
             total_timeout=self.settings.p2p_fetch_timeout,
             max_chunk_bytes=self.settings.p2p_max_chunk_bytes,
         )
-        peer = f"{reply.instance_id}/{reply.worker_id} at {reply.peer_init_url}"
+        peer = result.peer = f"{reply.instance_id}/{reply.worker_id} at {reply.peer_init_url}"
         with self._lock:
             self.fetched_bytes[peer] = self.fetched_bytes.get(peer, 0) + result.bytes
             self.fetched_tokens[peer] = self.fetched_tokens.get(peer, 0) + result.tokens
@@ -102,7 +104,7 @@ class PeerAgent:
                 result.tokens, result.chunks, result.bytes, peer, result.seconds,
                 f"; stopped early: {result.error}" if result.error else "",
             )
-        return result.tokens
+        return result
 
     def _locate(self, hashes: np.ndarray, num_tokens: int) -> PeerLookupReply:
         """Ask the controller (on the worker's event loop) which peer holds the longest prefix."""

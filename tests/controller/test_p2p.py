@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from lmcache_core.controller.errors import NoPeerChannelError
 from lmcache_core.errors import ConfigError
 from lmcache_core.p2p.channel import channel_key
 from lmcache_core.p2p.client import fetch_chunks
 from lmcache_core.p2p.server import shard_of
 
 from .p2p_support import SECRET, Proxy, kv_for, p2p_settings, serving_instance
-from .support import REPO, wait_for
+from .support import REPO, kv, wait_for
 
 TOKENS = list(range(1000, 2000))  # four chunks of 256 (the last one 232 tokens)
 CHUNK = 256
@@ -43,13 +44,13 @@ def test_engine_fetches_from_the_peer_the_controller_names_and_is_then_credited(
         infos = controller.client.post("/query_worker_info", json={"instance_id": "A"}).json()["worker_infos"]
         assert infos[0]["peer_init_url"] == url
         assert b.engine.lookup(TOKENS) == 0
-        assert b.engine.fetch_from_peers(TOKENS) == len(TOKENS)
+        assert b.engine.fetch_from_peers(TOKENS).tokens == len(TOKENS)
         found, tensor = b.engine.retrieve_tensor(TOKENS)
         assert found == len(TOKENS) and torch.equal(tensor, kv_for(TOKENS, 2, 64))
         assert b.worker.peers.fetched_bytes == {f"A/0 at {url}": tensor.nbytes}
         b.sync()
         wait_for(lambda: controller.lookup(TOKENS).get("B", [None, 0])[1] == len(TOKENS), what="B credited")
-        assert b.engine.fetch_from_peers(TOKENS) == 0  # now local: nothing to fetch
+        assert b.engine.fetch_from_peers(TOKENS) is None  # now local: nothing to fetch
     finally:
         a.close()
 
@@ -60,7 +61,7 @@ def test_only_the_missing_part_of_a_prefix_is_fetched(controller, make_instance,
         b = make_instance("B", chunk_size=CHUNK, **p2p_settings())
         b.engine.store(TOKENS[:512], kv_for(TOKENS[:512], 2, 64))
         b.sync()
-        assert b.engine.fetch_from_peers(TOKENS) == len(TOKENS) - 512
+        assert b.engine.fetch_from_peers(TOKENS).tokens == len(TOKENS) - 512
         assert b.worker.peers.last_fetch.chunks == 2
         assert torch.equal(b.engine.retrieve_tensor(TOKENS)[1], kv_for(TOKENS, 2, 64))
     finally:
@@ -72,8 +73,8 @@ def test_a_peer_with_wrong_credentials_is_refused_and_logged(controller, make_in
     try:
         b = make_instance("B", chunk_size=CHUNK, **p2p_settings(secret="not-the-secret"))
         b.sync()
-        assert b.engine.fetch_from_peers(TOKENS) == 0
-        assert "wrong credentials" in (b.worker.peers.last_fetch.error or "")
+        result = b.engine.fetch_from_peers(TOKENS)
+        assert result.tokens == 0 and "wrong credentials" in (result.error or "")
         assert b.engine.lookup(TOKENS) == 0
     finally:
         a.proc.send_signal(signal.SIGTERM)
@@ -133,7 +134,9 @@ def test_a_peer_killed_mid_transfer_leaves_only_whole_checked_chunks(controller,
         expected = torch.cat([kv_for(tokens[i : i + CHUNK], 4, 2048) for i in (0, CHUNK)], dim=2)
         assert torch.equal(b.engine.retrieve_tensor(tokens)[1], expected)
         # and a later fetch, with the peer gone, costs nothing but the miss
-        assert b.engine.fetch_from_peers(tokens) == 0
+        later = b.engine.fetch_from_peers(tokens)
+        assert later is None or later.tokens == 0
+        assert b.engine.lookup(tokens) == 2 * CHUNK
     finally:
         a.close()
 
@@ -183,3 +186,42 @@ def test_a_fetch_holds_one_chunk_at_a_time_and_refuses_one_over_the_cap(controll
 def test_a_peer_channel_beyond_loopback_needs_a_secret(make_instance) -> None:
     with pytest.raises(ConfigError, match="p2p_secret"):
         make_instance("C", chunk_size=CHUNK, enable_p2p=True, p2p_host="0.0.0.0", p2p_init_ports=0)
+
+
+@pytest.mark.parametrize("should_copy", [True, False])
+def test_a_move_between_instances_pushes_the_chunks_and_lookup_credits_the_target(
+    controller, make_instance, should_copy: bool
+) -> None:
+    a = make_instance("A", chunk_size=CHUNK, **p2p_settings())
+    b = make_instance("B", chunk_size=CHUNK, **p2p_settings())
+    a.store(TOKENS)
+    a.sync()
+    b.sync()
+    wait_for(lambda: controller.lookup(TOKENS).get("A") == ["LocalCPUBackend", len(TOKENS)], what="A credited")
+    moved = controller.call(
+        controller.controller.move_between_instances, TOKENS, ("A", "LocalCPUBackend"), ("B", "LocalCPUBackend"), should_copy
+    )
+    assert moved == {0: len(TOKENS)}
+    b.sync()
+    a.sync()
+    expected_a = ["LocalCPUBackend", len(TOKENS)] if should_copy else ["LocalDiskBackend", len(TOKENS)]
+    wait_for(
+        lambda: controller.lookup(TOKENS).get("B") == ["LocalCPUBackend", len(TOKENS)]
+        and controller.lookup(TOKENS).get("A") == expected_a,
+        what="the index after the move",
+    )
+    # loads: B serves the same KV from its CPU tier; A kept its copy only with should_copy
+    assert torch.equal(b.engine.retrieve_tensor(TOKENS)[1], kv(len(TOKENS)))
+    cpu_a = a.engine.backend("LocalCPUBackend")
+    assert all(cpu_a.contains(a.engine.keys.key(s.chunk_hash)) == should_copy for s in a.engine.hasher.spans(TOKENS))
+
+
+def test_a_move_to_an_instance_without_a_peer_channel_is_refused(controller, make_instance) -> None:
+    a = make_instance("A", chunk_size=CHUNK, **p2p_settings())
+    c = make_instance("C", chunk_size=CHUNK)
+    a.store(TOKENS)
+    a.sync()
+    c.sync()
+    with pytest.raises(NoPeerChannelError, match="instance 'C' rank 0 serves no peer channel"):
+        controller.call(controller.controller.move_between_instances, TOKENS, ("A", "LocalCPUBackend"), ("C", None), True)
+    assert a.engine.lookup(TOKENS) == len(TOKENS)
