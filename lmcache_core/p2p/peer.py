@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from lmcache_core.errors import ConfigError, LMCacheError, UnknownLocationError
 from lmcache_core.keys import TokenSequence
@@ -77,7 +78,7 @@ class PeerAgent:
         hashes = np.fromiter((s.chunk_hash for s in spans), dtype="<u8", count=len(spans))
         try:
             reply = self._locate(hashes, spans[-1].end)
-        except LMCacheError as exc:
+        except (LMCacheError, ValidationError) as exc:
             log.info("peer lookup failed (computing instead): %s", exc)
             return None
         if not reply.found or reply.chunks <= local or not reply.peer_init_url:

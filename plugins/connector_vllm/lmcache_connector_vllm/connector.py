@@ -339,7 +339,11 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         that follows counts it (bounded by ``p2p_fetch_timeout``; a failure is a miss)."""
         if engine.peer_fetch is None:
             return
-        result = engine.fetch_from_peers(tokens)
+        try:
+            result = engine.fetch_from_peers(tokens)
+        except Exception:  # a fetch is an optimisation: never fail the lookup for it
+            log.exception("lmcache connector: request %s: fetching from peers failed; computing", req_id)
+            return
         if result is None:
             return
         self.p2p_fetched_tokens += result.tokens
