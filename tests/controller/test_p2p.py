@@ -225,3 +225,20 @@ def test_a_move_to_an_instance_without_a_peer_channel_is_refused(controller, mak
     with pytest.raises(NoPeerChannelError, match="instance 'C' rank 0 serves no peer channel"):
         controller.call(controller.controller.move_between_instances, TOKENS, ("A", "LocalCPUBackend"), ("C", None), True)
     assert a.engine.lookup(TOKENS) == len(TOKENS)
+
+
+def test_enable_p2p_without_its_host_and_ports_is_a_start_error_naming_them(make_instance) -> None:
+    with pytest.raises(ConfigError, match="p2p_host and p2p_init_ports"):
+        make_instance("C", chunk_size=CHUNK, enable_p2p=True)
+
+
+def test_a_rank_beyond_the_listed_ports_is_a_start_error(make_instance) -> None:
+    with pytest.raises(ConfigError, match="p2p_init_ports lists 1 port"):
+        make_instance("C", chunk_size=CHUNK, worker_id=1, world_size=2, **p2p_settings())
+
+
+def test_a_port_in_use_is_a_start_error_naming_the_keys(make_instance) -> None:
+    a = make_instance("A", chunk_size=CHUNK, **p2p_settings())
+    port = int(a.worker.peers.url.rsplit(":", 1)[1])
+    with pytest.raises(ConfigError, match=r"cannot listen for peers on 127\.0\.0\.1:\d+ \(p2p_host, p2p_init_ports\)"):
+        make_instance("B", chunk_size=CHUNK, **p2p_settings(port=port))
