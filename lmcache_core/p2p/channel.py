@@ -38,7 +38,8 @@ MAGIC = b"LMP1"
 CHANNEL_VERSION = 1
 _HEAD = struct.Struct("!4sBI")
 _SUM = struct.Struct("!Q")  # a chunk's xxh3-64, after its bytes
-_PIECE = 4 << 20  # bytes sent or hashed at a time (deadline rechecked between pieces)
+_PIECE = 1 << 20  # most bytes received (then hashed, still in the cache) at a time (the deadline is rechecked between receives)
+_SEND_PIECE = 512 << 10  # bytes hashed then sent at a time: they stay in the cache between the two
 MAX_HEADER = 1 << 20  # a fetch of a 1M-token prompt lists ~4k hashes: far below
 
 HELLO, AUTH, WELCOME, REFUSED, FETCH, CHUNK, END, PUSH, STORED, ERROR = range(1, 11)
@@ -157,14 +158,14 @@ class Connection:
             raise PeerError(f"sending to {self.peer} failed: {_why(exc)}") from exc
 
     def _send_payload(self, payload: memoryview) -> None:
-        """The bytes, then their xxh3-64 (8 bytes): hashed piece by piece right after each
-        piece is sent, while it is still in the cache."""
+        """The bytes, then their xxh3-64 (8 bytes): each piece is hashed just before it is
+        sent, so the kernel copies it out of the cache the hash just loaded it into."""
         digest = xxhash.xxh3_64()
-        for offset in range(0, len(payload), _PIECE):
-            piece = payload[offset : offset + _PIECE]
+        for offset in range(0, len(payload), _SEND_PIECE):
+            piece = payload[offset : offset + _SEND_PIECE]
+            digest.update(piece)
             self.deadline.arm(self.sock)
             self.sock.sendall(piece)
-            digest.update(piece)
         self.deadline.arm(self.sock)
         self.sock.sendall(_SUM.pack(digest.intdigest()))
 
