@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import socket
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -76,6 +77,16 @@ def shard_of(engine: "CacheEngine") -> list[Any]:
             engine.hasher.chunk_size, engine.hasher.namespace]
 
 
+@dataclass
+class ServerCounters:
+    """What a ``PeerServer`` did, for logs and tests."""
+
+    served_chunks: int = 0
+    served_bytes: int = 0
+    refused_peers: int = 0
+    stored_chunks: int = 0
+
+
 class PeerServer:
     """The peer channel's listening side for one engine (one rank)."""
 
@@ -105,11 +116,7 @@ class PeerServer:
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
-        #: counters for logs and tests
-        self.served_chunks = 0
-        self.served_bytes = 0
-        self.refused_peers = 0
-        self.stored_chunks = 0
+        self.counters = ServerCounters()
 
     @property
     def url(self) -> str:
@@ -175,7 +182,7 @@ class PeerServer:
         conn = Connection(sock, Deadline(self.timeout), peer)
         try:
             if not conn.server_handshake(self.key):
-                self.refused_peers += 1
+                self.counters.refused_peers += 1
                 log.warning("refused peer %s: wrong credentials for the peer channel", peer)
                 return
             while True:
@@ -196,19 +203,21 @@ class PeerServer:
             log.exception("serving peer %s failed", peer)
 
     def _send_chunks(self, conn: Connection, hashes: list[Any]) -> None:
-        sent = 0
+        sent = nbytes = 0
         for chunk_hash in hashes:
             view = self.engine.view_chunk(int(chunk_hash))
             if view is None:
                 break
             try:
                 conn.send_chunk(int(chunk_hash), view.num_tokens, view.tensor)
-                self.served_bytes += view.tensor.nbytes
+                nbytes += view.tensor.nbytes
             finally:
                 view.release()
             sent += 1
-            self.served_chunks += 1
         conn.send(END, {"chunks": sent})
+        self.counters.served_chunks += sent
+        self.counters.served_bytes += nbytes
+        log.info("served %d of %d chunks (%d bytes) to peer %s", sent, len(hashes), nbytes, conn.peer)
 
     def _take_chunks(self, conn: Connection, location: str | None) -> None:
         stored = tokens = 0
@@ -230,7 +239,7 @@ class PeerServer:
                 raise PeerError(str(exc)) from exc
             stored += 1
             tokens += num_tokens
-            self.stored_chunks += 1
+            self.counters.stored_chunks += 1
         conn.send(STORED, {"chunks": stored, "tokens": tokens})
 
 
