@@ -12,15 +12,12 @@ time of ``generate`` with ``max_tokens=1``; each figure is the mean over the two
 
 from __future__ import annotations
 
-import argparse
 import json
-import random
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -28,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "plugins" / "connector_vllm" / "tests"
 sys.path.insert(0, str(TESTS))
 
+from bench_vllm_ttft import bench_model, bench_setup, mean_seconds  # noqa: E402
 from vllm_helpers import VllmProcess, write_config  # noqa: E402
-from vllm_runner import write_tiny_llama  # noqa: E402
 
 from lmcache_connector_vllm.demo import poll_until, stop_process  # noqa: E402
 from lmcache_core.controller.cli import read_ready_line  # noqa: E402
@@ -37,22 +34,12 @@ from lmcache_core.testing import free_port  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="prompt length")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=1024)
-    args = parser.parse_args(argv)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(3, 32000) for _ in range(args.tokens)] for _ in range(2)]
+    args, prompts, rng = bench_setup(__doc__.splitlines()[0], argv)
     warmups = {name: [rng.randrange(3, 32000) for _ in range(200)] for name in ("A", "B")}
     one = lambda p: {"prompt": p, "max_tokens": 1}  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="bench-vllm-p2p-") as tmp:
         work = Path(tmp)
-        model = write_tiny_llama(
-            work / "model", layers=args.layers, hidden=args.hidden, heads=args.hidden // 64,
-            kv_heads=args.hidden // 128, intermediate=args.hidden * 11 // 4, vocab=32000,
-            max_position=2 * args.tokens, weights=False,
-        )
+        model = bench_model(work, args.layers, args.hidden, args.tokens)
         controller = subprocess.Popen(
             [sys.executable, "-m", "lmcache_core.controller.cli", "--host", "127.0.0.1", "--port", "0",
              "--monitor-port", str(free_port()), "--log-level", "WARNING"],
@@ -101,28 +88,22 @@ def main(argv: list[str] | None = None) -> int:
                 a.proc.kill()
             stop_process(controller)
 
-    def mean(outs: list[dict[str, Any]]) -> float:
-        return sum(o["seconds"] for o in outs) / len(outs)
-
     cold, from_peer, from_cpu = a_outputs[1:3], b_outputs[1:3], b_outputs[3:5]
     for label, outs in (("peer", from_peer), ("cpu", from_cpu)):
         if any(o["num_cached_tokens"] != args.tokens - 1 for o in outs):
             raise SystemExit(f"bench_vllm_p2p_ttft: unexpected hits warm from {label}: {[o['num_cached_tokens'] for o in outs]}")
-    cold_s, peer_s, cpu_s = mean(cold), mean(from_peer), mean(from_cpu)
-    summary = {
-        "prompt_tokens": args.tokens,
-        "model": f"llama {args.layers} layers, hidden {args.hidden}, bf16, dummy weights",
-        "ttft_cold_on_a_s": round(cold_s, 4),
-        "ttft_b_warm_from_a_s": round(peer_s, 4),
-        "ttft_b_warm_from_own_cpu_s": round(cpu_s, 4),
-        "speedup_peer": round(cold_s / peer_s, 2),
-        "speedup_own_cpu": round(cold_s / cpu_s, 2),
-        "b_wall_s": round(wall, 1),
-    }
-    print(f"TTFT, {args.tokens}-token prompt ({summary['model']}), mean of 2 prompts:")
-    print(f"  cold (A computes and stores)          {cold_s:8.3f} s")
-    print(f"  B warm from A over the peer channel   {peer_s:8.3f} s   {cold_s / peer_s:6.1f}x faster")
-    print(f"  B warm from its own LocalCPUBackend   {cpu_s:8.3f} s   {cold_s / cpu_s:6.1f}x faster")
+    model_text = f"llama {args.layers} layers, hidden {args.hidden}, bf16, dummy weights"
+    cold_s = mean_seconds(cold)
+    rows = [
+        ("ttft_cold_on_a_s", "cold (A computes and stores)", cold_s),
+        ("ttft_b_warm_from_a_s", "B warm from A over the peer channel", mean_seconds(from_peer)),
+        ("ttft_b_warm_from_own_cpu_s", "B warm from its own LocalCPUBackend", mean_seconds(from_cpu)),
+    ]
+    print(f"TTFT, {args.tokens}-token prompt ({model_text}), mean of 2 prompts:")
+    for _, label, seconds in rows:
+        print(f"  {label:<38} {seconds:8.3f} s   {cold_s / seconds:6.1f}x faster than cold")
+    summary = {"prompt_tokens": args.tokens, "model": model_text, "b_wall_s": round(wall, 1)}
+    summary.update({key: round(seconds, 4) for key, _, seconds in rows})
     print(json.dumps(summary))
     return 0
 
