@@ -54,24 +54,40 @@ def run_instance(job: dict[str, Any], work: Path, config: Path, name: str) -> li
     return json.loads((work / f"{name}.json").read_text())["outputs"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_model(work: Path, layers: int, hidden: int, tokens: int) -> Path:
+    """The dummy-weight Llama the TTFT benchmarks use (prefill dominates), under ``work``."""
+    return write_tiny_llama(
+        work / "model", layers=layers, hidden=hidden, heads=hidden // 64,
+        kv_heads=hidden // 128, intermediate=hidden * 11 // 4, vocab=32000,
+        max_position=2 * tokens, weights=False,
+    )
+
+
+def mean_seconds(outs: list[dict[str, Any]]) -> float:
+    """Mean wall time of the ``generate`` calls in ``outs``."""
+    return sum(o["seconds"] for o in outs) / len(outs)
+
+
+def bench_setup(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, list[list[int]], random.Random]:
+    """The TTFT benchmarks' options (``--tokens``, ``--layers``, ``--hidden``), their two long
+    prompts, and the seeded generator that made them (for warm-up prompts)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tokens", type=int, default=4096, help="prompt length")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--codec", help="also time warm loads from a CPU tier encoded with this codec")
     args = parser.parse_args(argv)
-
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 32000) for _ in range(args.tokens)] for _ in range(2)]
+    return args, prompts, rng
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, prompts, rng = bench_setup(__doc__.splitlines()[0], argv)
     warmup = [rng.randrange(3, 32000) for _ in range(200)]
     with tempfile.TemporaryDirectory(prefix="bench-vllm-ttft-") as tmp:
         work = Path(tmp)
-        model = write_tiny_llama(
-            work / "model", layers=args.layers, hidden=args.hidden, heads=args.hidden // 64,
-            kv_heads=args.hidden // 128, intermediate=args.hidden * 11 // 4, vocab=32000,
-            max_position=2 * args.tokens, weights=False,
-        )
+        model = bench_model(work, args.layers, args.hidden, args.tokens)
         config = work / "lmcache.yaml"
         config.write_text(
             f"chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 1\n"
@@ -106,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             )[3:5]
         wall = time.perf_counter() - started
 
-    def mean(outs: list[dict[str, Any]]) -> float:
-        return sum(o["seconds"] for o in outs) / len(outs)
-
+    mean = mean_seconds
     plain_cold, cold, cpu, disk = plain[1:3], first[1:3], first[3:5], second[1:3]
     for label, outs, expect_hit in (("cpu", cpu, True), ("disk", disk, True), ("cold", cold, False)):
         hits = [o["num_cached_tokens"] for o in outs]

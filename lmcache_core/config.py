@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Union
 
 import pluggy
 import yaml
-from pydantic import Field, ValidationError, create_model, field_validator
+from pydantic import Field, SecretStr, ValidationError, create_model, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -51,7 +51,6 @@ UNUSED_LMCACHE_KEYS = frozenset(
         "enable_kv_events",
         "enable_lazy_memory_allocator",
         "enable_nixl",
-        "enable_p2p",
         "enable_pd",
         "enable_scheduler_bypass_lookup",
         "enable_xpyd",
@@ -166,10 +165,19 @@ class LMCacheSettings(BaseSettings):
         None, description="Accepted for LMCache compatibility; not needed with a message bus."
     )
     p2p_host: str | None = Field(
-        None, description="Accepted for LMCache compatibility; peer-to-peer transfer is not used."
+        None,
+        description="Host name or address this instance's peer channel listens on and peers reach "
+        "it at (with enable_p2p); a host that is not loopback needs p2p_secret or nats_token.",
     )
     p2p_init_ports: IntOrList | None = Field(
-        None, description="Accepted for LMCache compatibility; peer-to-peer transfer is not used."
+        None,
+        description="Ports of the peer channel, one per tensor-parallel rank (rank r listens on "
+        "the r-th; one int: rank 0 only).",
+    )
+    enable_p2p: bool = Field(
+        False,
+        description="Serve this instance's chunks to peers at p2p_host:p2p_init_ports[rank] and, on "
+        "a local miss, fetch a prefix that the controller says a peer holds (needs enable_controller).",
     )
 
     # --- lmcache-core keys -------------------------------------------------------------------
@@ -233,6 +241,24 @@ class LMCacheSettings(BaseSettings):
     )
     controller_request_timeout: float = Field(
         30.0, gt=0, description="Seconds a client has to send a request body (slower gets HTTP 408)."
+    )
+
+    p2p_secret: SecretStr | None = Field(
+        None,
+        description="Shared secret of the fleet's peer channel (HMAC challenge-response both ways); "
+        "unset: the bus's nats_token; neither: no authentication, allowed on loopback only.",
+    )
+    p2p_timeout: float = Field(
+        5.0, gt=0, description="Seconds a peer may take for any one step of a transfer (connect, "
+        "handshake, a chunk's bytes) before the transfer is abandoned."
+    )
+    p2p_fetch_timeout: float = Field(
+        3.0, gt=0, description="Longest a fetch on a local miss may take in all (the rest of the "
+        "prompt is computed instead)."
+    )
+    p2p_max_chunk_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="Largest chunk a peer may send or push: the most bytes "
+        "one transfer holds in flight (a larger one is refused before any memory is taken)."
     )
 
     _file_values: ClassVar[dict[str, Any]] = {}

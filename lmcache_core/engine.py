@@ -31,6 +31,7 @@ from lmcache_core.plugins import backend_specs, codec_specs, get_plugin_manager
 from lmcache_core.storage import ChunkView, StorageBackend
 
 if TYPE_CHECKING:
+    from lmcache_core.p2p.client import TransferResult
     from lmcache_core.worker import WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class CacheEngine:
         self.codecs: dict[str, CodecSpec] = codec_specs(self.pm)
         #: per location, the codec its chunks are stored with (``store_codecs``)
         self._store_codecs: dict[str, CodecSpec] = {}
+        #: set by a worker serving the peer channel (``enable_p2p``): see ``fetch_from_peers``
+        self.peer_fetch: Callable[[TokenSequence], TransferResult | None] | None = None
         try:
             for location, spec in backend_specs(self.pm).items():
                 if spec.enabled(settings):
@@ -359,6 +362,37 @@ class CacheEngine:
                 view.release()
             raise
         return PrefixHold(held, locations)
+
+    def view_chunk(self, chunk_hash: int) -> ChunkView | None:
+        """A view of this shard's chunk ``chunk_hash`` from the fastest tier holding it (no
+        promotion); the caller releases it. What the peer channel serves."""
+        return self._find(self.keys.key(chunk_hash))[0]
+
+    def store_received(
+        self, chunk_hash: int, num_tokens: int, data: torch.Tensor, location: str | None = None
+    ) -> int:
+        """Store a whole chunk that came from elsewhere (a peer): in every tier lacking it, or
+        at ``location`` only; returns the tokens newly stored."""
+        span = ChunkSpan(chunk_hash, 0, num_tokens)
+        if location is None:
+            return self.store_chunks([(span, data)])
+        key = self.keys.key(chunk_hash)
+        backend = self.backend(location)
+        if backend.contains(key):
+            return 0
+        self._put_tiers(key, data, num_tokens, [backend])
+        return num_tokens
+
+    def fetch_from_peers(self, tokens: TokenSequence) -> "TransferResult | None":
+        """With ``enable_p2p`` and a worker: fetch the part of the longest prefix of ``tokens``
+        that a peer holds and this engine lacks, into its tiers (which announce them); returns
+        what moved, from which peer (``tokens``, ``bytes``, ``error`` if it stopped early), or
+        None without P2P or when no peer holds more. Never raises for a peer's failure: what
+        did not arrive whole and checked is simply not stored, and the caller computes it."""
+        fetch = self.peer_fetch
+        if fetch is None:
+            return None
+        return fetch(tokens)
 
     def missing_spans(self, tokens: TokenSequence) -> list[ChunkSpan]:
         """Chunks of ``tokens`` that at least one location lacks (what ``store`` would write)."""

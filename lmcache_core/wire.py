@@ -22,6 +22,9 @@ id must encode to at most ``MAX_TOPIC_TOKEN`` bytes, see ``check_instance_id``):
                                               again; no other worker is disturbed
 ``goodbye.<inst>.<w>``             publish    worker -> controller when it stops cleanly
                                               (``WorkerIdentity``): leave the index at once
+``peer_lookup.<inst>.<w>``         request    worker -> controller on a local miss (P2P):
+                                              ``PeerLookupRequest`` -> ``PeerLookupReply``, the
+                                              peer of the same rank holding the longest prefix
 =================================  =========  =================================================
 
 Ordering and loss: ``EventBatch.seq`` counts a worker's batches per location from 1, within one
@@ -55,8 +58,10 @@ recovery; the registration ack no longer asks for a pushed resync), the registra
 ``started_at`` and ``lost_events``, the ``pin``, ``unpin`` and ``move`` commands
 (``ChunksCommand``: the chunks of some tokens, or all, at one location), the ``recode`` command
 (``/compress`` and ``/decompress``: re-encode one location's chunks in place) with the reply
-kinds ``unknown_codec`` (with ``available_codecs``) and ``unsupported``, and the registration's
-``ip``, ``port`` and ``peer_init_url`` (LMCache's worker fields); 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
+kinds ``unknown_codec`` (with ``available_codecs``) and ``unsupported``, the registration's
+``ip``, ``port`` and ``peer_init_url`` (LMCache's worker fields; the URL where the worker's peer
+channel serves, ``lmcache_core.p2p``), ``peer_lookup`` requests and the ``push`` command
+(peer-to-peer transfer); 4 adds the ``replay`` command, ``CommandRequest.deadline`` and the reply kinds
 ``not_retained`` and ``expired``; 3 puts the instance and rank into the registration topic (``register.<inst>.<w>``,
 was ``register``), so bus permissions tell one instance's registrations from another's; 2
 escapes instance ids in topics byte by byte (``a.b`` -> ``a%2Eb``), so distinct ids never share
@@ -139,6 +144,10 @@ def goodbye_topic(instance_id: str, worker_id: int) -> str:
     return f"goodbye.{topic_token(instance_id)}.{worker_id}"
 
 
+def peer_lookup_topic(instance_id: str, worker_id: int) -> str:
+    return f"peer_lookup.{topic_token(instance_id)}.{worker_id}"
+
+
 #: where protocol 2 and older workers registered: the controller answers them with a refusal
 LEGACY_REGISTER_TOPIC = "register"
 HELLO_TOPIC = "controller.hello"
@@ -146,6 +155,7 @@ REGISTER_WILDCARD = "register.*.*"
 EVENTS_WILDCARD = "events.*.*"
 HEARTBEAT_WILDCARD = "heartbeat.*.*"
 GOODBYE_WILDCARD = "goodbye.*.*"
+PEER_LOOKUP_WILDCARD = "peer_lookup.*.*"
 
 
 @dataclass(frozen=True)
@@ -159,10 +169,10 @@ class WorkerTopics:
 
 def worker_topics(instance_id: str) -> WorkerTopics:
     """Topics of every rank of ``instance_id``: it publishes its events, heartbeats,
-    registrations and goodbyes, and listens to its commands and to the controller's hellos."""
+    registrations, goodbyes and peer lookups, and listens to its commands and to the controller's hellos."""
     token = topic_token(instance_id)
     return WorkerTopics(
-        publish=tuple(f"{kind}.{token}.*" for kind in ("events", "heartbeat", "register", "goodbye")),
+        publish=tuple(f"{kind}.{token}.*" for kind in ("events", "heartbeat", "register", "goodbye", "peer_lookup")),
         subscribe=(f"cmd.{token}.*", HELLO_TOPIC, f"{HELLO_TOPIC}.{token}.*"),
     )
 
@@ -208,7 +218,9 @@ class WorkerRegistration(WorkerIdentity):
     pid: int = 0
     ip: str = Field("", description="The worker's IP address (the one it reaches the bus from); what /query_instance matches.")
     port: int = Field(0, ge=0, le=65535, description="LMCache's lmcache_worker_port(s) of this rank when configured, else 0.")
-    peer_init_url: str | None = Field(None, description="LMCache's p2p_host:p2p_init_ports of this rank when configured.")
+    peer_init_url: str | None = Field(
+        None, description="host:port where this worker serves its chunks to peers (enable_p2p); None: it does not."
+    )
     started_at: float = Field(
         0.0, description="Unix time this run started: of two live runs on one rank (a duplicate "
         "instance id), every controller keeps the one started first (ties: the lower epoch)."
@@ -334,6 +346,20 @@ class PingCommand(WireModel):
     op: Literal["ping"] = "ping"
 
 
+class PushCommand(WireModel):
+    """Push the stored prefix of ``tokens`` (the chunks at ``location``; None: any tier) to the
+    peer at ``peer_init_url``, which stores them at ``target_location`` (None: every tier); then,
+    unless ``should_copy``, drop them from ``location``. The reply's ``num_tokens``: tokens the peer
+    confirmed."""
+
+    op: Literal["push"] = "push"
+    tokens: list[int]
+    peer_init_url: str
+    location: str | None = None
+    target_location: str | None = None
+    should_copy: bool = True
+
+
 class ChunksCommand(WireModel):
     """Act on the chunks of ``tokens`` (None: every chunk there) at one ``location``: ``pin``
     or ``unpin`` them, or ``move`` them to ``to_location`` (``should_copy``: keep them at ``location``
@@ -408,7 +434,7 @@ class InventoryPage(WireModel):
 
 
 Command = Annotated[
-    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand, InventoryCommand, ChunksCommand, RecodeCommand],
+    Union[ClearCommand, LookupCommand, ResyncCommand, ReplayCommand, PingCommand, InventoryCommand, ChunksCommand, RecodeCommand, PushCommand],
     Field(discriminator="op"),
 ]
 
@@ -451,3 +477,29 @@ class CommandReply(WireModel):
     )
     registration: WorkerRegistration | None = None
     inventory: InventoryPage | None = Field(None, description="inventory: the page asked for.")
+
+
+# --- peer lookups (request/reply on peer_lookup.<inst>.<w>) -----------------------------------
+
+
+class PeerLookupRequest(WorkerIdentity):
+    """A worker missing a prefix asks which peer (another instance, same rank, model shard and
+    hashing) holds the longest prefix of these chunk hashes (little-endian uint64, in order)."""
+
+    hashes: bytes
+    num_tokens: int = Field(ge=0, description="Tokens the hashes cover (the last chunk may be short).")
+
+    def hash_array(self) -> np.ndarray:
+        return np.frombuffer(self.hashes, dtype="<u8")
+
+
+class PeerLookupReply(WireModel):
+    """The best peer, or ``found=False``; ``num_tokens``/``chunks``: the prefix it holds."""
+
+    found: bool
+    instance_id: str | None = None
+    worker_id: int | None = None
+    peer_init_url: str | None = None
+    chunks: int = 0
+    num_tokens: int = 0
+    detail: str = ""

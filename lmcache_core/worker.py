@@ -68,6 +68,7 @@ from lmcache_core.wire import (
     InventoryCommand,
     LookupCommand,
     PingCommand,
+    PushCommand,
     RegistrationAck,
     ReplayCommand,
     ResyncCommand,
@@ -84,6 +85,7 @@ from lmcache_core.worker_address import worker_address
 
 if TYPE_CHECKING:
     from lmcache_core.engine import CacheEngine
+    from lmcache_core.p2p.peer import PeerAgent
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,10 @@ _hash_of = attrgetter("chunk_hash")
 def log_unused_compat_keys(settings: Any) -> list[str]:
     """Log one INFO line naming the LMCache keys that are set but unused; returns their names."""
     try:
-        found = [key for key in UNUSED_COMPAT_KEYS if getattr(settings, key, None) is not None]
+        p2p = ("p2p_host", "p2p_init_ports") if getattr(settings, "enable_p2p", False) else ()
+        found = [
+            key for key in UNUSED_COMPAT_KEYS if key not in p2p and getattr(settings, key, None) is not None
+        ]
         if found:
             log.info(
                 "config keys %s are accepted for LMCache compatibility but not needed: workers "
@@ -189,6 +194,8 @@ class WorkerHandle:
         self._stack = ExitStack()
         self._portal: BlockingPortal | None = None
         self._future: Future[None] | None = None
+        #: the peer channel (``enable_p2p``), bound by ``start``
+        self.peers: PeerAgent | None = None
         # the deque's own append is the callback: C code, no Python frame in the engine's path
         self._unsubscribe = engine.subscribe(self._pending.append)
 
@@ -219,7 +226,7 @@ class WorkerHandle:
             pid=os.getpid(),
             ip=self.address.ip,
             port=self.address.port,
-            peer_init_url=self.address.peer_init_url,
+            peer_init_url=self.peers.url if self.peers is not None else None,
             started_at=self._started_at,
             lost_events=self._lost_events,
         )
@@ -257,6 +264,11 @@ class WorkerHandle:
     def start(self) -> WorkerHandle:
         """Start the background thread (``start_worker`` calls this)."""
         log_unused_compat_keys(self.settings)
+        if self.settings.enable_p2p:
+            from lmcache_core.p2p.peer import PeerAgent
+
+            self.peers = PeerAgent(self)  # binds now: a port in use fails the start
+            self.engine.peer_fetch = self.peers.fetch_prefix
         self._portal = self._stack.enter_context(
             start_blocking_portal(name=f"lmcache-worker-{self.identity.worker_id}")
         )
@@ -266,6 +278,8 @@ class WorkerHandle:
     def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
         """Publish what is pending (briefly), disconnect, join the thread; at most ``timeout``."""
         self._unsubscribe()
+        if self.peers is not None:
+            self.engine.peer_fetch = None
         portal, future = self._portal, self._future
         self._portal = None
         if portal is not None and future is not None and not future.done():
@@ -278,6 +292,8 @@ class WorkerHandle:
             except Exception:
                 pass
         self._stack.close()
+        if self.peers is not None:  # after the loop stopped serving it (kept: its url and counters)
+            self.peers.close()
 
     # --- lifecycle inside the event loop ---------------------------------------------------------
     def _request_stop(self) -> None:
@@ -293,6 +309,8 @@ class WorkerHandle:
         self._reregister = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._connect_and_serve)
+            if self.peers is not None:
+                tg.start_soon(self.peers.server.serve)
             await self._stop.wait()
             # last chance for what the engine did just before closing to reach the controller
             with anyio.move_on_after(1.0):
@@ -679,6 +697,8 @@ class WorkerHandle:
                 return await self._recode(command)
             if isinstance(command, InventoryCommand):
                 return await self._inventory(command)
+            if isinstance(command, PushCommand):
+                return await self._push(command)
             if isinstance(command, PingCommand):
                 return self._reply(
                     ok=True, registration=self.registration(), last_seq=dict(self._seq)
@@ -769,6 +789,18 @@ class WorkerHandle:
             recode, command.location, command.method, command.tokens, abandon_on_cancel=True
         )
         return self._reply(ok=True, num_tokens=done, location=command.location)
+
+    async def _push(self, command: PushCommand) -> CommandReply:
+        peers = self.peers
+        if peers is None:
+            return self._reply(
+                ok=False, error_kind="bad_request",
+                error="this worker has no peer channel: start it with enable_p2p, p2p_host, p2p_init_ports",
+            )
+        result = await anyio.to_thread.run_sync(peers.push, command, abandon_on_cancel=True)
+        if result.error is not None:
+            return self._reply(ok=False, error_kind="peer", error=result.error, num_tokens=result.tokens)
+        return self._reply(ok=True, num_tokens=result.tokens, location=command.location)
 
     async def _lookup(self, tokens: list[int]) -> CommandReply:
         found, location = await anyio.to_thread.run_sync(

@@ -1,4 +1,5 @@
-"""Where a worker says it is: LMCache's ``ip``, ``port`` and ``peer_init_url`` of a worker.
+"""Where a worker says it is: LMCache's ``ip`` and ``port`` of a worker (its ``peer_init_url``
+is where its peer channel serves, ``lmcache_core.p2p``, when ``enable_p2p`` is on).
 
 Workers talk to the controller over the message bus and listen on no port of their own, but
 LMCache's API reports these fields (``/query_worker_info``, ``/controller/workers``) and finds an
@@ -8,8 +9,7 @@ instance by its ``ip`` (``/query_instance``), so a worker registers them:
   connecting a UDP socket, which sends nothing), so a router that sees an instance's serving
   address can find it; "" when no route is found;
 * ``port``: this rank's LMCache ``lmcache_worker_port`` / ``lmcache_worker_ports`` when the
-  settings give one (nothing listens there), else 0;
-* ``peer_init_url``: ``p2p_host:p2p_init_ports`` of this rank when both are set, else None.
+  settings give one (nothing listens there), else 0.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ class WorkerAddress(NamedTuple):
 
     ip: str
     port: int
-    peer_init_url: str | None
 
 
 def _for_rank(value: int | list[int] | None, rank: int) -> int | None:
@@ -57,7 +56,5 @@ def worker_address(settings: Any, rank: int) -> WorkerAddress:
     port = settings.lmcache_worker_port
     if port is None:
         port = _for_rank(settings.lmcache_worker_ports, rank)
-    p2p_port = _for_rank(settings.p2p_init_ports, rank)
-    peer = f"{settings.p2p_host}:{p2p_port}" if settings.p2p_host and p2p_port is not None else None
     port = port if port is not None and 0 <= port <= 65535 else 0
-    return WorkerAddress(route_source_ip(settings.controller_address), port, peer)
+    return WorkerAddress(route_source_ip(settings.controller_address), port)

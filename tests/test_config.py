@@ -165,7 +165,7 @@ max_local_cpu_size: 5
 remote_url: "lm://localhost:65432"
 remote_serde: "naive"
 save_unfull_chunk: False
-enable_p2p: False
+enable_pd: False
 blend_special_str: " # # "
 pd_role: "sender"
 nixl_buffer_size: 1073741824
@@ -190,7 +190,7 @@ def test_lmcache_keys_we_do_not_use_load_with_one_warning_naming_them(tmp_path, 
     assert not hasattr(s, "remote_url")
     (message,) = unused_key_warnings(caplog)
     ignored = (
-        "remote_url", "remote_serde", "save_unfull_chunk", "enable_p2p", "blend_special_str",
+        "remote_url", "remote_serde", "save_unfull_chunk", "enable_pd", "blend_special_str",
         "pd_role", "nixl_buffer_size", "extra_config", "internal_api_server_port_start",
     )
     for key in ignored:

@@ -8,8 +8,8 @@ to every rank through ``Controller.command_instance`` (the path ``/clear`` takes
 evictions at the old) travel on the event stream; the answer waits until the controller has
 applied the batches the workers named, so a ``/lookup`` after it sees the move.
 
-A move between two instances needs a peer-to-peer transfer between them: it is refused in one
-place, ``_move_between_instances``.
+A move between two instances travels over the peer channel (``controller/peers.py``,
+``lmcache_core.p2p``): ``_move_between_instances``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Literal
 
 import anyio
 
-from lmcache_core.controller.errors import BadOperationError, NeedsPeerToPeerError
+from lmcache_core.controller.errors import BadOperationError
+from lmcache_core.controller.peers import move_between_instances
+from lmcache_core.errors import LMCacheError
 from lmcache_core.controller.models import ChunksResponse, RecodeResponse
 from lmcache_core.wire import ChunksCommand, CommandReply, RecodeCommand
 
@@ -87,17 +89,28 @@ class ChunkCommands:
     async def _move_between_instances(
         self: Controller, old: Position, new: Position, tokens: Sequence[int] | None, should_copy: bool
     ) -> ChunksResponse:
-        """A move from one instance to another: the chunks would travel between two serving
-        processes, which needs peer-to-peer transfer (not built yet). Both instances must be
-        registered (404 otherwise); then the move is refused with a 400 saying so."""
+        """A move from one instance to another over the peer channel (``controller/peers.py``):
+        each rank of the old instance pushes the stored prefix of ``tokens`` to the same rank of
+        the new one, which stores it at the new location and announces it; without
+        ``should_copy`` the old one then drops it. Both positions must be registered (404) and
+        name their instances' locations (400); the new instance must serve a peer channel
+        (409 otherwise)."""
         for instance_id, location in (old, new):
-            available = self.instance_locations(instance_id)  # UnknownInstanceError: 404
-            self.check_locations(available, [location])
-        raise NeedsPeerToPeerError(
-            f"moving chunks between two instances ('{old[0]}' -> '{new[0]}') needs peer-to-peer "
-            "transfer, which this controller does not support yet; move between two locations of "
-            "one instance (both positions with the same instance_id)"
-        )
+            self.check_locations(self.instance_locations(instance_id), [location])  # 404, then 400
+        if not tokens:
+            raise BadOperationError(
+                f"a move between two instances ('{old[0]}' -> '{new[0]}') moves the chunks of a "
+                "prompt: give its token ids in 'tokens'"
+            )
+        event_id = self.events.start("move")
+        try:
+            moved = await move_between_instances(self, list(tokens), old, new, should_copy, event_id)
+        except LMCacheError as exc:
+            self.events.finish(event_id, ok=False, detail=str(exc))
+            raise
+        self.events.finish(event_id)
+        differ = len(set(moved.values())) > 1
+        return ChunksResponse(event_id=event_id, num_tokens=sum(moved.values()), num_tokens_per_worker=moved if differ else None)
 
     async def _await_applied(self: Controller, instance_id: str, replies: dict[int, CommandReply]) -> None:
         """Wait, at most ``controller_command_timeout``, until the batches each reply's

@@ -72,10 +72,6 @@ class BadOperationError(LMCacheError):
     """A request that is well formed but asks for something this controller cannot do (400)."""
 
 
-class NeedsPeerToPeerError(BadOperationError):
-    """A move between two instances: that needs a peer-to-peer transfer between them."""
-
-
 class TooManyTokensError(LMCacheError):
     """A lookup's token list is longer than ``controller_max_lookup_tokens``."""
 
@@ -96,12 +92,18 @@ class BadWorkerReplyError(LMCacheError):
     """A worker answered with something the controller could not read."""
 
 
+class NoPeerChannelError(LMCacheError):
+    """A move between instances whose target serves no peer channel (``enable_p2p``)."""
+
+
 def http_status(exc: LMCacheError) -> int:
     """The HTTP status an error becomes at the API boundary."""
     if isinstance(exc, (UnknownInstanceError, UnknownWorkerError, UnknownIpError)):
         return 404
     if isinstance(exc, (UnknownLocationError, BadOperationError, CodecError)):
         return 400
+    if isinstance(exc, NoPeerChannelError):
+        return 409
     if isinstance(exc, (TooManyTokensError, RequestTooLargeError)):
         return 413
     if isinstance(exc, RequestBodyTimeoutError):

@@ -115,6 +115,7 @@ class WorkerInfo(LMCacheWorkerFields):
     hashing: HashingParams
     host: str
     pid: int
+    peer_init_url: str | None = Field(None, description="Where this worker serves chunks to peers (enable_p2p).")
     locations: dict[str, LocationInfo] = Field(description="Per location, fastest first.")
     seconds_since_heartbeat: float | None = None
 

@@ -261,10 +261,14 @@ def build_router() -> APIRouter:
         """Make pinned chunks of the tokens at one location evictable again; returns the tokens unpinned."""
         return await controller.unpin(body.instance_id, body.location, body.tokens)
 
-    @router.post("/move", response_model=ChunksResponse, response_model_exclude_none=True, responses=_COMMAND_ERRORS)
+    @router.post("/move", response_model=ChunksResponse, response_model_exclude_none=True, responses={
+        **_COMMAND_ERRORS,
+        409: {"description": "A move between instances whose new instance serves no peer channel (enable_p2p)."},
+    })
     async def move(body: MoveRequest, controller: Controller = Depends(get_controller)) -> Any:
-        """Move (or copy) chunks between two locations of one instance, on every rank; returns the
-        tokens now at the new location. Between two instances: 400 (that needs peer-to-peer)."""
+        """Move (or copy) chunks between two locations of one instance, on every rank, or between
+        two instances over their peer channel (the chunks of ``tokens``); returns the tokens now
+        at the new location."""
         return await controller.move(body.old_position, body.new_position, body.tokens, bool(body.should_copy))
 
     for endpoint in (pin, unpin, move):

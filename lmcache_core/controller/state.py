@@ -39,6 +39,7 @@ from lmcache_core.controller.fleet import lmcache_fields
 from lmcache_core.controller.index import KVIndex
 from lmcache_core.controller.metrics import ControllerMetrics
 from lmcache_core.controller.models import InstanceInfo, LocationInfo, WorkerInfo
+from lmcache_core.controller.peers import find_peer
 from lmcache_core.controller.records import (
     EVENT_HISTORY,
     EventLog,
@@ -52,13 +53,17 @@ from lmcache_core.controller.recovery import Recovery
 from lmcache_core.controller.registry import HELLO_MIN_INTERVAL, SUPPORTED_SCHEMES, Registry
 from lmcache_core.errors import TransportError
 from lmcache_core.keys import TokenHasher, as_token_array
+from lmcache_core.transport import Message
 from lmcache_core.wire import (
     EVENTS_WILDCARD,
     GOODBYE_WILDCARD,
     HEARTBEAT_WILDCARD,
     LEGACY_REGISTER_TOPIC,
+    PEER_LOOKUP_WILDCARD,
     REGISTER_WILDCARD,
     HashingParams,
+    PeerLookupRequest,
+    peer_lookup_topic,
 )
 
 __all__ = [
@@ -90,6 +95,7 @@ class Controller(Registry, EventApplication, Recovery, Commands, ChunkCommands):
             self._events_subscription,
             self._heartbeat_subscription,
             await bus.subscribe(GOODBYE_WILDCARD, self._on_goodbye),
+            await bus.subscribe(PEER_LOOKUP_WILDCARD, self._on_peer_lookup),
         ]
         bus.on_reconnect(self._say_hello)  # runs we dropped meanwhile register again
         await bus.flush()
@@ -106,6 +112,11 @@ class Controller(Registry, EventApplication, Recovery, Commands, ChunkCommands):
             except TransportError as exc:
                 log.debug("unsubscribing failed: %s", exc)
 
+    # --- peer-to-peer (controller/peers.py) ----------------------------------------------------
+    async def _on_peer_lookup(self, msg: Message) -> None:
+        request = self._decode_claim(msg, PeerLookupRequest, peer_lookup_topic, "peer lookup")
+        if request is not None:
+            await self._respond(msg, find_peer(self, request))
 
     # --- lookup ------------------------------------------------------------------------------
     def lookup(

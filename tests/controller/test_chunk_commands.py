@@ -159,7 +159,10 @@ def test_move_refuses_same_location_unknown_names_and_other_instances(
         other.sync()
         wait_for(lambda: "inst-b" in controller.call(lambda: set(controller.controller.instances)), what="b registered")
         across = _post(controller, "/move", {"old_position": [INSTANCE, CPU], "new_position": ["inst-b", CPU]}, 400)
-        assert "needs peer-to-peer transfer" in across["detail"]
+        assert "give its token ids in 'tokens'" in across["detail"]
+        no_channel = _post(controller, "/move", {"old_position": [INSTANCE, CPU], "new_position": ["inst-b", CPU],
+                                                 "tokens": PROMPT}, 409)
+        assert "instance 'inst-b' rank 0 serves no peer channel" in no_channel["detail"]
         assert _held(inst, PROMPT)[CPU] == [True] * 3  # nothing moved
         for path in ("/pin", "/unpin"):
             assert _post(controller, path, {"instance_id": INSTANCE, "location": "GPU", "tokens": PROMPT}, 400)[

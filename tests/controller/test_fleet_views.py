@@ -58,7 +58,8 @@ def test_query_worker_info_all_reports_lmcache_fields_beside_ours(fleet: Control
     for info in infos:
         assert LMCACHE_WORKER_FIELDS | {"locations", "hashing", "host", "pid"} <= set(info)
         assert info["ip"] == "127.0.0.1" and info["registration_time"] > 0
-    assert [(w["port"], w["peer_init_url"]) for w in infos] == [(8500, "10.1.2.3:8200"), (8501, "10.1.2.3:8201"), (0, None)]
+    # p2p_host and p2p_init_ports are set, but without enable_p2p nothing serves there: no peer_init_url
+    assert [(w["port"], w["peer_init_url"]) for w in infos] == [(8500, None), (8501, None), (0, None)]
     # LMCache's page asks with worker_ids []: every rank
     every = client.post("/query_worker_info", json={"instance_id": "all", "worker_ids": []}).json()["worker_infos"]
     assert [(w["instance_id"], w["worker_id"], w["epoch"]) for w in every] == [

@@ -269,6 +269,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._stager: DeviceStager | None = None
         self._invalid_blocks: set[int] = set()
         self._failed_loads: set[str] = set()  # requests whose load failed in this step
+        #: what fetches from peers brought in (enable_p2p), for logs and tests
+        self.p2p_fetched_tokens = 0
+        self.p2p_fetched_bytes = 0
         self._closed = False
         self._close_lock = threading.Lock()
         # scheduler side
@@ -326,9 +329,30 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             return engine.lookup(tokens)
         held = holds.matching(req_id, tokens)
         if held is None:
+            self._fetch_from_peers(engine, tokens, req_id)
             held = engine.hold(tokens)
             holds.put(req_id, tokens, held)
         return held.num_tokens
+
+    def _fetch_from_peers(self, engine: CacheEngine, tokens: Any, req_id: str) -> None:
+        """With ``enable_p2p``: bring in what a peer holds beyond the local prefix, so the hold
+        that follows counts it (bounded by ``p2p_fetch_timeout``; a failure is a miss)."""
+        if engine.peer_fetch is None:
+            return
+        try:
+            result = engine.fetch_from_peers(tokens)
+        except Exception:  # a fetch is an optimisation: never fail the lookup for it
+            log.exception("lmcache connector: request %s: fetching from peers failed; computing", req_id)
+            return
+        if result is None:
+            return
+        self.p2p_fetched_tokens += result.tokens
+        self.p2p_fetched_bytes += result.bytes
+        log.info(
+            "lmcache connector: request %s: fetched %d tokens (%d bytes) from peer %s in %.3f s%s",
+            req_id, result.tokens, result.bytes, result.peer, result.seconds,
+            f" (stopped: {result.error}; the rest is computed)" if result.error else "",
+        )
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Remember vLLM's paged KV tensors (one per attention layer) and their layout."""

@@ -23,7 +23,7 @@ def test_two_instances_from_one_yaml_both_start_and_the_second_loads_the_firsts_
     disk = tmp_path / "disk"
     config = write_config(  # with keys LMCache knows and we do not use: a warning, not a failure
         tmp_path / "lmcache.yaml", chunk_size=256, local_cpu=True, max_local_cpu_size=0.25,
-        local_disk=str(disk), max_local_disk_size=1.0, save_unfull_chunk=True, enable_p2p=False,
+        local_disk=str(disk), max_local_disk_size=1.0, save_unfull_chunk=True, enable_pd=False,
         controller_reply_url="localhost:8300",
     )
     prompt = make_prompt(7, length=1000)
@@ -73,5 +73,5 @@ def test_two_instances_from_one_yaml_both_start_and_the_second_loads_the_firsts_
     assert sorted(p.name for p in disk.iterdir() if p.is_dir()) == ["first", "second"]
     for run in (first_run, second_run):
         warning = next(line for line in run.log.splitlines() if "ignoring config keys that LMCache knows" in line)
-        for key in ("save_unfull_chunk", "enable_p2p", "controller_reply_url"):
+        for key in ("save_unfull_chunk", "enable_pd", "controller_reply_url"):
             assert key in warning

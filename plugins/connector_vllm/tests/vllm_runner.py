@@ -86,6 +86,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                 "seconds": seconds,
             }
         )
+        if "result_file" in job:  # so far: a test may kill this process after a step
+            Path(job["result_file"]).write_text(json.dumps({"outputs": outputs}))
     return {"outputs": outputs}
 
 
