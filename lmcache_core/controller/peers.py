@@ -16,7 +16,7 @@ import numpy as np
 
 from lmcache_core.controller.errors import BadWorkerReplyError, NoPeerChannelError, WorkerUnavailableError
 from lmcache_core.controller.index import longest_prefix
-from lmcache_core.errors import LMCacheError, UnknownLocationError
+from lmcache_core.errors import UnknownLocationError
 from lmcache_core.wire import PeerLookupReply, PeerLookupRequest, PushCommand
 
 if TYPE_CHECKING:

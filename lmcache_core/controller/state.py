@@ -36,8 +36,6 @@ from lmcache_core.controller.chunk_commands import ChunkCommands
 from lmcache_core.controller.commands import Commands
 from lmcache_core.controller.errors import TooManyTokensError, UnknownWorkerError
 from lmcache_core.controller.fleet import lmcache_fields
-from lmcache_core.controller.index import KVIndex
-from lmcache_core.controller.metrics import ControllerMetrics
 from lmcache_core.controller.models import InstanceInfo, LocationInfo, WorkerInfo
 from lmcache_core.controller.peers import find_peer
 from lmcache_core.controller.records import (
