@@ -58,7 +58,7 @@ _TARGET_LOAD = 0.5  # live entries per home slot right after a rebuild
 _GARBAGE_MIN = 1 << 16  # never rebuild just to drop fewer dead entries than this
 _TAIL = 64  # slots kept empty at the end of the arrays, so probe windows never run off them
 _SPARE_TAIL = 1024  # extra slots past the tail, so a growing run rarely forces a reallocation
-_PROBE = 16  # slots read in the first probing round when looking for an empty slot
+_PROBE = 8  # slots read in the second probing round (the first reads the home slot alone)
 _MAX_PROBE = 1 << 12  # later rounds double the width up to this
 _MIGRATE_MIN_SLOTS = 1 << 16  # old-table slots moved per mutating call during a rebuild
 _OLD_LOAD_LIMIT = 0.85  # the table being moved still takes admits for its part, up to this load
@@ -194,7 +194,7 @@ class _Table:
         pos = home.copy()
         placed = np.empty(n, dtype=np.intp)
         active = _ramp(n)
-        width = _PROBE
+        width = 1  # the home slot alone: free in about (1 - load) of the cases, and cheap to read
         while active.size:
             at = pos.take(active)
             # few rows need a second round; those that do sit in long runs, so look further
@@ -227,7 +227,7 @@ class _Table:
                 pos[cand[lost]] = slot[lost]  # now taken: look again from there
                 moving = np.concatenate([moving, cand[lost]])
             active = moving
-            width = min(width * 2, _MAX_PROBE)
+            width = _PROBE if width == 1 else min(width * 2, _MAX_PROBE)
         self.used += n
         self._note_placed(home, placed)
 
