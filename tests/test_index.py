@@ -219,6 +219,38 @@ def test_memory_per_entry_stays_under_40_bytes_as_the_index_grows() -> None:
     assert worst <= 40
 
 
+def test_reserving_room_makes_one_rebuild_where_admitting_bit_by_bit_makes_many() -> None:
+    rng = np.random.default_rng(6)
+    batches = [rng.integers(0, 2**64, 5000, dtype=np.uint64, endpoint=False) for _ in range(60)]
+
+    def rebuilds(index: KVIndex, holders: list[int]) -> int:
+        started = 0
+        for h, batch in zip(holders, batches):
+            was = index.rebuilding
+            index.admit(h, batch, np.full(len(batch), 256, np.uint32))
+            started += index.rebuilding and not was
+        return started
+
+    grown = KVIndex(rebuild_step=1024)
+    plain = rebuilds(grown, [grown.holder_id(f"i{w}", 0, "cpu") for w in range(60)])
+    reserved = KVIndex(rebuild_step=1024)
+    holders = [reserved.holder_id(f"i{w}", 0, "cpu") for w in range(60)]
+    assert not reserved.fits(300_000)
+    reserved.reserve(300_000)
+    reserved.settle()
+    assert reserved.fits(300_000)
+    assert rebuilds(reserved, holders) == 0 < plain
+    assert reserved.num_entries() == 300_000
+    # exact all the same; and the reservation, once used up, no longer holds off a shrink
+    assert as_lists(reserved.lookup(batches[7][:3])) == {holders[7]: [True] * 3}
+    full = reserved.memory_bytes()
+    for h in holders[1:]:
+        reserved.remove_holder(h)
+    reserved.admit(holders[0], batches[0][:10], np.full(10, 1, np.uint32))
+    reserved.settle()
+    assert reserved.memory_bytes() < full / 8
+
+
 def test_lookups_stay_exact_while_a_rebuild_moves_entries() -> None:
     rng = np.random.default_rng(5)
     index = KVIndex(rebuild_step=64)  # move slowly, so many calls land mid-rebuild
@@ -292,6 +324,8 @@ def test_random_mixed_operations_match_a_dict_of_sets_model() -> None:
             toks = [rng.randrange(1, 300) for _ in keys]
             index.replace_holder(h, u64(keys), u32(toks))
             model.held[h] = dict(zip(keys, toks))
+        elif op < 0.96:
+            index.reserve(rng.randrange(0, 6000))  # room announced, maybe never used
         else:
             index.remove_holder(h)
             del model.held[h]

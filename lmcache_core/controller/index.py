@@ -334,6 +334,7 @@ class KVIndex:
         self._moved_to = 0
         self._move_rate = 0
         self._live = 0
+        self._reserved = 0  # entries announced by reserve() and not admitted yet
         # holder ids are stable; each holds an incarnation that clear_holder replaces, so old
         # entries die in O(1). Each live holder also owns a dense *row* (reused after removal,
         # unlike ids) that lookups build their masks in. Per incarnation: its holder's row
@@ -545,26 +546,27 @@ class KVIndex:
     def _admit(self, inc: int, mixed: np.ndarray, toks: np.ndarray) -> None:
         if not len(mixed):
             return
+        # an incarnation without live entries has no slot at all (evicted ones are tombstones,
+        # rebuilds move live entries only): everything is new, no need to look (installs)
+        fresh = self._chunks[inc] == 0
         for table, sel in self._parts(mixed):
             m, t = (mixed, toks) if sel is None else (mixed[sel], toks[sel])
-            if not len(m):
-                continue
-            slots = table.find(m, inc)
-            present = slots >= 0
-            if present.any():
-                at = slots[present]
-                new = t[present]
-                self._tokens[inc] += int(new.sum(dtype=np.int64)) - int(
-                    table.toks[at].sum(dtype=np.int64)
-                )
-                table.toks[at] = new
-            absent = ~present
-            n_new = int(absent.sum())
-            if n_new:
-                table.claim(m[absent], inc, t[absent])
-                self._chunks[inc] += n_new
-                self._tokens[inc] += int(t[absent].sum(dtype=np.int64))
-                self._live += n_new
+            if not fresh and len(m):
+                slots = table.find(m, inc)
+                present = slots >= 0
+                if present.any():
+                    at = slots[present]
+                    new = t[present]
+                    self._tokens[inc] += int(new.sum(dtype=np.int64)) - int(
+                        table.toks[at].sum(dtype=np.int64)
+                    )
+                    table.toks[at] = new
+                    m, t = m[~present], t[~present]
+            if len(m):
+                table.claim(m, inc, t)
+                self._chunks[inc] += len(m)
+                self._tokens[inc] += int(t.sum(dtype=np.int64))
+                self._live += len(m)
 
     def _evict(self, inc: int, mixed: np.ndarray) -> None:
         if not len(mixed):
@@ -670,8 +672,29 @@ class KVIndex:
         while self._old is not None:
             self._move_step(len(self._old.keys))
 
+    def fits(self, incoming: int) -> bool:
+        """Whether ``incoming`` new entries fit without starting another rebuild (while one
+        runs: in the table being filled)."""
+        return self._table.used + incoming <= _MAX_LOAD * self._table.cap
+
+    def reserve(self, incoming: int) -> None:
+        """Make room for ``incoming`` more entries in one rebuild when they would not fit, rather
+        than the several that admitting them bit by bit starts (a recovery knows what is coming).
+        A reservation that never fills is given back by the usual shrink."""
+        if self.fits(incoming):
+            return
+        self.settle()
+        if self.fits(incoming):
+            return
+        self._reserved = incoming
+        self._start_rebuild(int((self._live + incoming) / _TARGET_LOAD) + 1, incoming)
+        if len(self._old.keys) <= 4 * self._rebuild_step:
+            self.settle()
+
     def _prepare(self, incoming: int) -> None:
         """Make room for up to ``incoming`` new entries; start a rebuild when one is due."""
+        # a reservation holds off shrinking until as many entries as it was for have come
+        self._reserved = max(0, self._reserved - incoming)
         if self._old is not None and (
             self._table.used + incoming > _MAX_LOAD * self._table.cap
             or self._old.used + incoming > _OLD_LOAD_LIMIT * self._old.cap
@@ -681,7 +704,7 @@ class KVIndex:
             return
         table = self._table
         garbage = table.used - self._live
-        wanted = max(_MIN_CAPACITY, int((self._live + incoming) / _TARGET_LOAD) + 1)
+        wanted = max(_MIN_CAPACITY, int((self._live + incoming + self._reserved) / _TARGET_LOAD) + 1)
         if (
             table.used + incoming > _MAX_LOAD * table.cap
             or (garbage >= _GARBAGE_MIN and garbage > table.used // 2)

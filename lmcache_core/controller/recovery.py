@@ -31,6 +31,11 @@ from lmcache_core.wire import CommandReply, InventoryCommand, InventoryPage
 
 log = logging.getLogger(__name__)
 
+#: bounds on the room reserved ahead of queued inventories: 4M chunks at one location (256 GB
+#: of 64 KiB chunks) and 128M entries in all (about 4 GB of index)
+_MAX_HINT_PER_LOCATION = 1 << 22
+_MAX_HINT = 1 << 27
+
 
 class Recovery(ControllerBase):
     """A queue of locations to pull, and the window of pullers that drains it."""
@@ -113,6 +118,16 @@ class Recovery(ControllerBase):
         self.events.finish(event_id)
         self._install(worker, loc, pages)
 
+    def _queued_chunks(self) -> int:
+        """The chunks the queued pulls will bring, as their workers' last heartbeats count them
+        (a hint only: each count and the sum are bounded, so a wrong one cannot balloon the index)."""
+        total = sum(
+            min(max(worker.last_beat.chunks.get(loc.name, 0), 0), _MAX_HINT_PER_LOCATION)
+            for worker, loc in self._to_pull
+            if worker.last_beat is not None
+        )
+        return min(total, _MAX_HINT)
+
     async def _pull_again(self, worker: WorkerState, loc: LocationState) -> None:
         """After a failed pull: queue it again once the gap's grace has passed, if still needed
         (a worker that left is dropped by its heartbeats; a reset batch may have come)."""
@@ -154,6 +169,10 @@ class Recovery(ControllerBase):
         hashes = np.concatenate([h for h, _ in arrays]) if arrays else np.zeros(0, np.uint64)
         tokens = np.concatenate([t for _, t in arrays]) if arrays else np.zeros(0, np.uint32)
         self.index.clear_holder(loc.holder)
+        if not self.index.fits(len(hashes)):
+            # grow once for this and every inventory still queued (a restarted controller's
+            # whole fleet), not once per few installs
+            self.index.reserve(len(hashes) + self._queued_chunks())
         if len(hashes):
             self.index.admit(loc.holder, hashes, tokens)
         loc.awaiting_reset = False
