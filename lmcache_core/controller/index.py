@@ -335,6 +335,7 @@ class KVIndex:
         self._move_rate = 0
         self._live = 0
         self._reserved = 0  # entries announced by reserve() and not admitted yet
+        self.rebuilds_started = 0  # grow, shrink and clean-up rebuilds begun so far
         # holder ids are stable; each holds an incarnation that clear_holder replaces, so old
         # entries die in O(1). Each live holder also owns a dense *row* (reused after removal,
         # unlike ids) that lookups build their masks in. Per incarnation: its holder's row
@@ -722,6 +723,7 @@ class KVIndex:
         table = self._table
         self._old = table
         self._table = _Table(cap)
+        self.rebuilds_started += 1
         self._moved_to = 0
         headroom = max(1.0, _MAX_LOAD * cap - self._live - incoming)
         # twice the pace that just fits, so the old table's load barely rises meanwhile

@@ -139,6 +139,7 @@ class SyntheticWorker:
         beat = Heartbeat(
             **self.ident.model_dump(exclude={"version"}),
             last_seq=dict(self.seq) if last_seq is None else last_seq,
+            chunks={name: len(hashes) for name, hashes in self.inventory.items()},
         )
         await self.bus.publish(heartbeat_topic(self.ident.instance_id, self.ident.worker_id), beat.encode())
 
