@@ -169,6 +169,12 @@ class LMCacheSettings(BaseSettings):
         description="Host name or address this instance's peer channel listens on and peers reach "
         "it at (with enable_p2p); a host that is not loopback needs p2p_secret or nats_token.",
     )
+    p2p_advertise_host: str | None = Field(
+        None,
+        description="Host name or address peers reach this instance's peer channel at, when it "
+        "is not p2p_host (a wildcard bind like 0.0.0.0, NAT, a proxy). Default: p2p_host, or for "
+        "a wildcard p2p_host this machine's address on its route to the bus.",
+    )
     p2p_init_ports: IntOrList | None = Field(
         None,
         description="Ports of the peer channel, one per tensor-parallel rank (rank r listens on "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -218,3 +219,85 @@ class FaultyBus(MessageBus):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class Proxy:
+    """A TCP proxy for fault tests (real sockets): forwards one connection to ``target``
+    (``host:port``) from ``listen``; from byte ``corrupt_at`` of the server's answer it flips one
+    byte, and after ``stall_after`` bytes it stops forwarding (``stalled`` is set) until
+    ``cut()`` closes both sides."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        corrupt_at: int | None = None,
+        stall_after: int | None = None,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
+    ) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.corrupt_at = corrupt_at
+        self.stall_after = stall_after
+        self.stalled = threading.Event()
+        self.forwarded = 0
+        self._listener = socket.create_server(listen)
+        self.url = f"{listen[0]}:{self._listener.getsockname()[1]}"
+        self._socks: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+        self._threads.append(accept)
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self._listener.accept()
+        except OSError:
+            return
+        server = socket.create_connection(self.target)
+        self._socks += [client, server]
+        for args in ((client, server, False), (server, client, True)):
+            t = threading.Thread(target=self._pump, args=args, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        try:
+            while True:
+                data = bytearray(src.recv(1 << 16))
+                if not data:
+                    break
+                if answers:
+                    start = self.forwarded
+                    if self.stall_after is not None and start + len(data) > self.stall_after:
+                        data = data[: max(0, self.stall_after - start)]
+                        dst.sendall(data)
+                        self.forwarded += len(data)
+                        self.stalled.set()
+                        return
+                    if self.corrupt_at is not None and start <= self.corrupt_at < start + len(data):
+                        data[self.corrupt_at - start] ^= 0xFF
+                    self.forwarded += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if not answers or self.stall_after is None:
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        for sock in [self._listener, *self._socks]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def __enter__(self) -> "Proxy":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cut()

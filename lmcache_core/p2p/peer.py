@@ -24,11 +24,15 @@ from lmcache_core.p2p.channel import channel_key
 from lmcache_core.p2p.client import TransferResult, fetch_chunks, push_chunks
 from lmcache_core.p2p.server import PeerServer, peer_port, shard_of
 from lmcache_core.wire import PeerLookupReply, PeerLookupRequest, PushCommand, peer_lookup_topic
+from lmcache_core.worker_address import route_source_ip
 
 if TYPE_CHECKING:
     from lmcache_core.worker import WorkerHandle
 
 log = logging.getLogger(__name__)
+
+#: bind addresses that mean "every interface": not an address a peer can connect to
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
 class PeerAgent:
@@ -53,7 +57,14 @@ class PeerAgent:
 
     @property
     def url(self) -> str:
-        return self.server.url
+        """Where peers reach this rank (``peer_init_url``): ``p2p_advertise_host`` when set, the
+        address of the route to the bus for a wildcard ``p2p_host``, else the bound address."""
+        host = self.settings.p2p_advertise_host
+        if not host and self.server.host in _WILDCARDS:
+            host = route_source_ip(self.settings.controller_address) or None
+        if not host:
+            return self.server.url
+        return f"[{host}]:{self.server.port}" if ":" in host else f"{host}:{self.server.port}"
 
     def close(self) -> None:
         self.server.close()

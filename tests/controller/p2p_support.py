@@ -1,11 +1,9 @@
-"""Helpers of the peer-to-peer tests: a serving instance process, and a TCP proxy that can
-corrupt a byte, or stall, between a fetching engine and its peer (real sockets on loopback)."""
+"""Helpers of the peer-to-peer tests: a serving instance process and its settings (the TCP proxy
+that corrupts or stalls a transfer is ``lmcache_core.testing.Proxy``)."""
 
 from __future__ import annotations
 
-import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,77 +42,3 @@ def p2p_settings(port: int | None = None, secret: str | None = SECRET) -> dict[s
     if secret is not None:
         settings["p2p_secret"] = secret
     return settings
-
-
-class Proxy:
-    """Forwards one TCP connection at a time to ``target``; from byte ``corrupt_at`` of the
-    server's answer it flips one byte, and after ``stall_after`` bytes it stops forwarding
-    (``stalled`` is set) until ``cut()`` closes both sides."""
-
-    def __init__(self, target: str, *, corrupt_at: int | None = None, stall_after: int | None = None) -> None:
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
-        self.corrupt_at = corrupt_at
-        self.stall_after = stall_after
-        self.stalled = threading.Event()
-        self.forwarded = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._socks: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        accept = threading.Thread(target=self._accept, daemon=True)
-        accept.start()
-        self._threads.append(accept)
-
-    def _accept(self) -> None:
-        try:
-            client, _ = self._listener.accept()
-        except OSError:
-            return
-        server = socket.create_connection(self.target)
-        self._socks += [client, server]
-        for args in ((client, server, False), (server, client, True)):
-            t = threading.Thread(target=self._pump, args=args, daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
-        try:
-            while True:
-                data = bytearray(src.recv(1 << 16))
-                if not data:
-                    break
-                if answers:
-                    start = self.forwarded
-                    if self.stall_after is not None and start + len(data) > self.stall_after:
-                        data = data[: max(0, self.stall_after - start)]
-                        dst.sendall(data)
-                        self.forwarded += len(data)
-                        self.stalled.set()
-                        return
-                    if self.corrupt_at is not None and start <= self.corrupt_at < start + len(data):
-                        data[self.corrupt_at - start] ^= 0xFF
-                    self.forwarded += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            if not answers or self.stall_after is None:
-                try:
-                    dst.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-
-    def cut(self) -> None:
-        for sock in [self._listener, *self._socks]:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-
-    def __enter__(self) -> "Proxy":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cut()

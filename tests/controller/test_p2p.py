@@ -18,8 +18,9 @@ from lmcache_core.errors import ConfigError
 from lmcache_core.p2p.channel import channel_key
 from lmcache_core.p2p.client import fetch_chunks
 from lmcache_core.p2p.server import shard_of
+from lmcache_core.testing import Proxy, free_port
 
-from .p2p_support import SECRET, Proxy, kv_for, p2p_settings, serving_instance
+from .p2p_support import SECRET, kv_for, p2p_settings, serving_instance
 from .support import REPO, kv, wait_for
 
 TOKENS = list(range(1000, 2000))  # four chunks of 256 (the last one 232 tokens)
@@ -185,6 +186,23 @@ def test_a_fetch_holds_one_chunk_at_a_time_and_refuses_one_over_the_cap(controll
 def test_a_peer_channel_beyond_loopback_needs_a_secret(make_instance) -> None:
     with pytest.raises(ConfigError, match="p2p_secret"):
         make_instance("C", chunk_size=CHUNK, enable_p2p=True, p2p_host="0.0.0.0", p2p_init_ports=0)
+
+
+def test_a_wildcard_bind_advertises_a_reachable_address_and_advertise_host_overrides_it(
+    controller, make_instance
+) -> None:
+    c_port, d_port = free_port(), free_port()
+    make_instance("C", chunk_size=CHUNK, **{**p2p_settings(c_port), "p2p_host": "0.0.0.0"})
+    make_instance("D", chunk_size=CHUNK, **{**p2p_settings(d_port), "p2p_advertise_host": "kv-d.example"})
+
+    def peer_url(instance_id: str) -> str | None:
+        answer = controller.client.post("/query_worker_info", json={"instance_id": instance_id})
+        return answer.json()["worker_infos"][0]["peer_init_url"] if answer.status_code == 200 else None
+
+    # C listens on every interface; peers are told the address of its route to the bus (here
+    # loopback), never 0.0.0.0
+    wait_for(lambda: peer_url("C") == f"127.0.0.1:{c_port}", what="C's peer_init_url")
+    wait_for(lambda: peer_url("D") == f"kv-d.example:{d_port}", what="D's peer_init_url")
 
 
 @pytest.mark.parametrize("should_copy", [True, False])
