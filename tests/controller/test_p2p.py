@@ -55,6 +55,28 @@ def test_engine_fetches_from_the_peer_the_controller_names_and_is_then_credited(
         a.close()
 
 
+def test_with_two_ranks_each_rank_fetches_its_own_shard_from_the_same_rank_of_the_peer(controller, make_instance) -> None:
+    ports = {name: [free_port(), free_port()] for name in ("A", "B")}
+    ranks = {
+        (name, r): make_instance(
+            name, chunk_size=CHUNK, worker_id=r, world_size=2, **{**p2p_settings(), "p2p_init_ports": ports[name]}
+        )
+        for name in ("A", "B")
+        for r in (0, 1)
+    }
+    for r in (0, 1):
+        ranks["A", r].store(TOKENS, seed=r)  # each rank holds its own shard of the KV
+    for inst in ranks.values():
+        inst.sync()
+    wait_for(lambda: controller.lookup(TOKENS).get("A") == ["LocalCPUBackend", len(TOKENS)], what="A credited")
+    for r in (0, 1):
+        b = ranks["B", r]
+        assert b.engine.fetch_from_peers(TOKENS).tokens == len(TOKENS)
+        # rank r asked for rank r: the bytes are A's rank-r shard, from A's rank-r channel
+        assert torch.equal(b.engine.retrieve_tensor(TOKENS)[1], kv(len(TOKENS), r))
+        assert list(b.worker.peers.fetched_bytes) == [f"A/{r} at 127.0.0.1:{ports['A'][r]}"]
+
+
 def test_only_the_missing_part_of_a_prefix_is_fetched(controller, make_instance, nats_url, tmp_path: Path) -> None:
     a, url = serving_instance(nats_url, tmp_path, "A", _tokens_arg(TOKENS), chunk_size=CHUNK)
     try:
