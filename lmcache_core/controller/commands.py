@@ -80,18 +80,24 @@ class Commands(ControllerBase):
         self, ranks: list[WorkerState], command: Any, event_id: str
     ) -> tuple[dict[int, CommandReply], dict[int, LMCacheError]]:
         """Send ``command`` to every rank concurrently; replies and errors per rank."""
+        return await self._fan_out_each([(worker, command) for worker in ranks], event_id)
+
+    async def _fan_out_each(
+        self, commands: list[tuple[WorkerState, Any]], event_id: str
+    ) -> tuple[dict[int, CommandReply], dict[int, LMCacheError]]:
+        """Send each rank its own command, all concurrently; replies and errors per rank."""
         replies: dict[int, CommandReply] = {}
         errors: dict[int, LMCacheError] = {}
 
-        async def one(worker: WorkerState) -> None:
+        async def one(worker: WorkerState, command: Any) -> None:
             try:
                 replies[worker.worker_id] = await self._command(worker, command, event_id)
             except LMCacheError as exc:
                 errors[worker.worker_id] = exc
 
         async with anyio.create_task_group() as tg:
-            for worker in ranks:
-                tg.start_soon(one, worker)
+            for worker, command in commands:
+                tg.start_soon(one, worker, command)
         return replies, errors
 
 

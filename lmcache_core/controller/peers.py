@@ -106,7 +106,8 @@ async def move_between_instances(
         target_available = controller.instance_locations(target_instance)
         if target_location not in target_available:
             raise UnknownLocationError(target_location, target_available)
-    moved: dict[int, int] = {}
+    # every target rank is checked before any rank pushes: a move is refused whole, not half done
+    commands: list[tuple[WorkerState, PushCommand]] = []
     for worker in sources:
         peer = targets.get(worker.worker_id)
         url = peer.registration.peer_init_url if peer is not None else None
@@ -115,21 +116,27 @@ async def move_between_instances(
                 f"instance '{target_instance}' rank {worker.worker_id} serves no peer channel: "
                 "start it with enable_p2p, p2p_host and p2p_init_ports"
             )
-        command = PushCommand(
+        commands.append((worker, PushCommand(
             tokens=tokens, peer_init_url=url, location=source_location,
             target_location=target_location, should_copy=copy,
-        )
-        reply = await controller._command(worker, command, event_id)
+        )))
+    replies, errors = await controller._fan_out_each(commands, event_id)
+    moved: dict[int, int] = {}
+    for worker, command in commands:
+        rank, url = worker.worker_id, command.peer_init_url
+        if rank in errors:
+            raise errors[rank]
+        reply = replies[rank]
         if not reply.ok:
             if reply.error_kind == "unknown_location":
                 raise UnknownLocationError(source_location, reply.available_locations or [])
             if reply.error_kind == "peer":
                 raise WorkerUnavailableError(f"{worker.name} could not push to {url}: {reply.error}")
             raise BadWorkerReplyError(f"{worker.name} could not push to {url}: {reply.error}")
-        moved[worker.worker_id] = int(reply.num_tokens or 0)
+        moved[rank] = int(reply.num_tokens or 0)
         log.info(
-            "moved %d tokens from %s (%s) to %s (%s)%s",
-            moved[worker.worker_id], worker.name, source_location, peer.name,
+            "moved %d tokens from %s (%s) to %s/%d (%s)%s",
+            moved[rank], worker.name, source_location, target_instance, rank,
             target_location or "every tier", " as a copy" if copy else "",
         )
     return moved

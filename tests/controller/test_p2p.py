@@ -272,6 +272,31 @@ def test_a_move_to_an_instance_without_a_peer_channel_is_refused(controller, mak
     assert a.engine.lookup(TOKENS) == len(TOKENS)
 
 
+def test_a_move_that_one_target_rank_cannot_take_is_refused_before_any_rank_moves(controller, make_instance) -> None:
+    a_ports = [free_port(), free_port()]
+    a = [
+        make_instance("A", chunk_size=CHUNK, worker_id=r, world_size=2, **{**p2p_settings(), "p2p_init_ports": a_ports})
+        for r in (0, 1)
+    ]
+    c = [
+        make_instance("C", chunk_size=CHUNK, worker_id=0, world_size=2, **p2p_settings()),
+        make_instance("C", chunk_size=CHUNK, worker_id=1, world_size=2),  # no peer channel
+    ]
+    for r, inst in enumerate(a):
+        inst.store(TOKENS, seed=r)
+    for inst in [*a, *c]:
+        inst.sync()
+    answer = controller.client.post("/move", json={
+        "old_position": ["A", "LocalCPUBackend"], "new_position": ["C", "LocalCPUBackend"], "tokens": TOKENS,
+    })
+    assert answer.status_code == 409 and "instance 'C' rank 1 serves no peer channel" in answer.json()["detail"]
+    # rank 0 did not go ahead alone: A still holds every chunk in its CPU tier, C nothing
+    for inst in a:
+        cpu = inst.engine.backend("LocalCPUBackend")
+        assert all(cpu.contains(inst.engine.keys.key(s.chunk_hash)) for s in inst.engine.hasher.spans(TOKENS))
+    assert c[0].engine.lookup(TOKENS) == 0
+
+
 def test_enable_p2p_without_its_host_and_ports_is_a_start_error_naming_them(make_instance) -> None:
     with pytest.raises(ConfigError, match="p2p_host and p2p_init_ports"):
         make_instance("C", chunk_size=CHUNK, enable_p2p=True)
