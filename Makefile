@@ -54,8 +54,11 @@ demo: setup
 demo-lite: setup
 	$(PY) examples/walkthrough.py
 
+# two pytest-xdist workers: the vLLM tests run one after another on one of them while the other
+# runs the rest (conftest.py says how the suite is split); TEST_WORKERS=0 runs it in one process
+TEST_WORKERS ?= 2
 test: setup $(VENV)/.stamp-chromium
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
 # refresh docs/page.png, the README's picture of the web page (the browser test takes it)
 screenshot: setup $(VENV)/.stamp-chromium
