@@ -18,9 +18,8 @@ from typing import Any
 import anyio
 from pydantic import ValidationError
 
-from lmcache_core.codecs import CodecError, UnknownCodecError
 from lmcache_core.controller.base import ControllerBase
-from lmcache_core.controller.errors import BadWorkerReplyError, WorkerUnavailableError
+from lmcache_core.controller.errors import BadWorkerReplyError, WorkerUnavailableError, reply_error
 from lmcache_core.controller.models import CheckFinishResponse, ClearResponse, HealthResponse
 from lmcache_core.controller.records import WorkerState
 from lmcache_core.errors import LMCacheError, NoResponders, RequestTimeout, TransportError, UnknownLocationError
@@ -117,8 +116,8 @@ class Commands(ControllerBase):
         ``kind`` (default: its ``op``); ``after(replies)`` runs once every rank answered ok.
         Returns the answer's fields: ``event_id``, ``num_tokens`` summed over ranks, and
         ``num_tokens_per_worker`` when the ranks differ. ``locations`` must be the instance's
-        (400 listing them otherwise); a worker's 'unknown_codec' or 'unsupported' answer is a
-        ``CodecError`` (400)."""
+        (400 listing them otherwise); a rank's failed reply raises what ``reply_error`` makes
+        of it."""
         ranks = self._ranks(instance_id)
         self.check_locations(self.instance_locations(instance_id), locations)
         kind = kind or command.op
@@ -130,13 +129,7 @@ class Commands(ControllerBase):
                 raise WorkerUnavailableError(f"{what} failed: " + "; ".join(str(errors[r]) for r in sorted(errors)))
             for rank, reply in sorted(replies.items()):
                 if not reply.ok:
-                    if reply.error_kind == "unknown_location":
-                        raise UnknownLocationError(command.location, reply.available_locations or [])
-                    if reply.error_kind == "unknown_codec":
-                        raise UnknownCodecError(command.method, reply.available_codecs or [])
-                    if reply.error_kind == "unsupported":
-                        raise CodecError(f"worker {instance_id}/{rank}: {reply.error}")
-                    raise BadWorkerReplyError(f"worker {instance_id}/{rank} failed the {what}: {reply.error}")
+                    raise reply_error(reply, f"{instance_id}/{rank}", what, command)
             if after is not None:
                 await after(replies)
         except LMCacheError as exc:

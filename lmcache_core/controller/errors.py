@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
-from lmcache_core.codecs import CodecError
+from lmcache_core.codecs import CodecError, UnknownCodecError
 from lmcache_core.errors import (
     LMCacheError,
     NoResponders,
@@ -94,6 +94,24 @@ class BadWorkerReplyError(LMCacheError):
 
 class NoPeerChannelError(LMCacheError):
     """A move between instances whose target serves no peer channel (``enable_p2p``)."""
+
+
+def reply_error(reply: Any, worker: str, task: str, command: Any) -> LMCacheError:
+    """The error a worker's failed ``reply`` to ``command`` stands for, by its ``error_kind``:
+    the location or codec it does not know (400 listing what it knows), a codec that cannot do
+    it (400), a peer it could not reach (503), anything else (502). ``task`` names what failed
+    ("clear of 'LocalCPUBackend' on instance 'a'", "push to 10.0.0.2:8200")."""
+    detail = f"worker {worker} failed the {task}: {reply.error}"
+    kind = reply.error_kind
+    if kind == "unknown_location":
+        return UnknownLocationError(command.location, reply.available_locations or [])
+    if kind == "unknown_codec":
+        return UnknownCodecError(command.method, reply.available_codecs or [])
+    if kind == "unsupported":
+        return CodecError(detail)
+    if kind == "peer":
+        return WorkerUnavailableError(detail)
+    return BadWorkerReplyError(detail)
 
 
 def http_status(exc: LMCacheError) -> int:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lmcache_core.controller.errors import BadWorkerReplyError, NoPeerChannelError, WorkerUnavailableError
+from lmcache_core.controller.errors import NoPeerChannelError, reply_error
 from lmcache_core.controller.index import longest_prefix
 from lmcache_core.errors import UnknownLocationError
 from lmcache_core.wire import PeerLookupReply, PeerLookupRequest, PushCommand
@@ -128,11 +128,7 @@ async def move_between_instances(
             raise errors[rank]
         reply = replies[rank]
         if not reply.ok:
-            if reply.error_kind == "unknown_location":
-                raise UnknownLocationError(source_location, reply.available_locations or [])
-            if reply.error_kind == "peer":
-                raise WorkerUnavailableError(f"{worker.name} could not push to {url}: {reply.error}")
-            raise BadWorkerReplyError(f"{worker.name} could not push to {url}: {reply.error}")
+            raise reply_error(reply, worker.name, f"push to {url}", command)
         moved[rank] = int(reply.num_tokens or 0)
         log.info(
             "moved %d tokens from %s (%s) to %s/%d (%s)%s",

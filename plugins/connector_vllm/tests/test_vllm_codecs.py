@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from lmcache_core.codecs import decode_chunk
-from lmcache_core.keys import TokenHasher
 
 from lmcache_backend_disk.chunkfile import read_chunk
 from vllm_helpers import VllmRun, make_prompt, run_vllm, write_config
