@@ -689,16 +689,13 @@ class KVIndex:
             return
         self._reserved = incoming
         self._start_rebuild(int((self._live + incoming) / _TARGET_LOAD) + 1, incoming)
-        if len(self._old.keys) <= 4 * self._rebuild_step:
-            self.settle()
 
     def _prepare(self, incoming: int) -> None:
         """Make room for up to ``incoming`` new entries; start a rebuild when one is due."""
         # a reservation holds off shrinking until as many entries as it was for have come
         self._reserved = max(0, self._reserved - incoming)
         if self._old is not None and (
-            self._table.used + incoming > _MAX_LOAD * self._table.cap
-            or self._old.used + incoming > _OLD_LOAD_LIMIT * self._old.cap
+            not self.fits(incoming) or self._old.used + incoming > _OLD_LOAD_LIMIT * self._old.cap
         ):
             self.settle()  # the move fell behind a burst of admits; rare with a sane batch size
         if self._old is not None:
@@ -707,7 +704,7 @@ class KVIndex:
         garbage = table.used - self._live
         wanted = max(_MIN_CAPACITY, int((self._live + incoming + self._reserved) / _TARGET_LOAD) + 1)
         if (
-            table.used + incoming > _MAX_LOAD * table.cap
+            not self.fits(incoming)
             or (garbage >= _GARBAGE_MIN and garbage > table.used // 2)
             or (table.cap > 4 * _MIN_CAPACITY and table.cap > 8 * wanted)
         ):
@@ -715,11 +712,10 @@ class KVIndex:
             # what arrives while the old one is moved, and the move must stay a few slots
             # per unit of work so that no call stalls
             self._start_rebuild(max(wanted, len(table.keys) // _MAX_SHRINK), incoming)
-            if len(table.keys) <= 4 * self._rebuild_step:
-                self.settle()  # small tables are cheaper to move at once
 
     def _start_rebuild(self, cap: int, incoming: int) -> None:
-        """Begin moving the live entries into a fresh table of ``cap`` home slots."""
+        """Begin moving the live entries into a fresh table of ``cap`` home slots (a small table
+        is moved at once: cheaper than in slices)."""
         table = self._table
         self._old = table
         self._table = _Table(cap)
@@ -730,6 +726,8 @@ class KVIndex:
         self._move_rate = 2 * int(np.ceil(len(table.keys) / headroom))
         # the dead so far have entries only in the old table, which this rebuild discards
         self._dead_incs_moving, self._dead_incs = self._dead_incs, array("I")
+        if len(table.keys) <= 4 * self._rebuild_step:
+            self.settle()
 
     def _advance(self, work: int) -> None:
         """Move a share of the old table proportional to ``work`` while a rebuild runs."""

@@ -22,7 +22,7 @@ from lmcache_core.errors import ConfigError, LMCacheError, UnknownLocationError
 from lmcache_core.keys import TokenSequence
 from lmcache_core.p2p.channel import channel_key
 from lmcache_core.p2p.client import TransferResult, fetch_chunks, push_chunks
-from lmcache_core.p2p.server import PeerServer, peer_port, shard_of
+from lmcache_core.p2p.server import PeerServer, peer_port, peer_url, shard_of
 from lmcache_core.wire import PeerLookupReply, PeerLookupRequest, PushCommand, peer_lookup_topic
 from lmcache_core.worker_address import route_source_ip
 
@@ -62,9 +62,7 @@ class PeerAgent:
         host = self.settings.p2p_advertise_host
         if not host and self.server.host in _WILDCARDS:
             host = route_source_ip(self.settings.controller_address) or None
-        if not host:
-            return self.server.url
-        return f"[{host}]:{self.server.port}" if ":" in host else f"{host}:{self.server.port}"
+        return peer_url(host or self.server.host, self.server.port)
 
     def close(self) -> None:
         self.server.close()

@@ -62,6 +62,11 @@ def peer_port(settings: Any, rank: int) -> int | None:
     return int(ports[rank])
 
 
+def peer_url(host: str, port: int) -> str:
+    """``host:port`` as peers connect to it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _is_loopback(host: str) -> bool:
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -120,9 +125,8 @@ class PeerServer:
 
     @property
     def url(self) -> str:
-        """What peers connect to (``peer_init_url`` at the controller)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        """The bound address as a peer URL (``PeerAgent.url`` says what is advertised)."""
+        return peer_url(self.host, self.port)
 
     async def serve(self) -> None:
         """Accept peers until cancelled or closed; each is served in a worker thread."""
