@@ -30,11 +30,20 @@ if TYPE_CHECKING:
     from lmcache_transport_nats.server import NatsServerProcess
 
 
+#: ports free_port handed out lately: the kernel may offer a just-closed port again, and two
+#: calls before either port is bound (a server and its monitoring port) must not get the same one
+_recent_ports: deque[int] = deque(maxlen=256)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nothing listens on right now, and not one of the last ports this returned."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _recent_ports:
+            _recent_ports.append(port)
+            return port
 
 
 @pytest.fixture
